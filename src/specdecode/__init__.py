@@ -1,0 +1,62 @@
+"""specdecode: lossless speculative decoding for HuggingFace causal language models.
+
+Quick start::
+
+    from specdecode import load_model, SpeculativeGenerator, ModelDrafter
+
+    target = load_model("path/to/target")
+    drafter = ModelDrafter(load_model("path/to/draft"))
+    gen = SpeculativeGenerator(target, drafter, draft_length=5)
+    print(gen.generate("def fib(n):", max_new_tokens=64).text)
+"""
+
+from specdecode.decoding import (
+    FinishEvent,
+    GenerationResult,
+    GenerationStats,
+    RoundEvent,
+    SpeculativeGenerator,
+)
+from specdecode.drafters import (
+    Draft,
+    Drafter,
+    FixedLength,
+    HeuristicLength,
+    ModelDrafter,
+    PromptLookupDrafter,
+)
+from specdecode.errors import (
+    InvalidSettingsError,
+    ModelLoadError,
+    PromptError,
+    SpecDecodeError,
+    VocabularyMismatchError,
+)
+from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+from specdecode.sampling import SamplingSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Draft",
+    "Drafter",
+    "FinishEvent",
+    "FixedLength",
+    "GenerationResult",
+    "GenerationStats",
+    "HeuristicLength",
+    "InvalidSettingsError",
+    "LoadedModel",
+    "ModelDrafter",
+    "ModelLoadError",
+    "PromptError",
+    "PromptLookupDrafter",
+    "RoundEvent",
+    "SamplingSettings",
+    "SpecDecodeError",
+    "SpeculativeGenerator",
+    "VocabularyMismatchError",
+    "__version__",
+    "check_same_vocabulary",
+    "load_model",
+]

@@ -1,0 +1,121 @@
+"""Arguments shared by several subcommands: models, sampling, drafting."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
+from specdecode.drafters.schedule import DraftLength
+from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--target",
+        required=True,
+        help="target model: a local HF folder, a .gguf file, or a hub id (hub needs network)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' precision (auto: float32 on CPU, bfloat16 on GPU)",
+    )
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def add_drafter_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("drafting (none of these: plain decoding)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)")
+    which.add_argument(
+        "--prompt-lookup", action="store_true", help="draft by n-gram lookup in prompt and output"
+    )
+    group.add_argument(
+        "--draft-dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="draft model precision (default: same as --dtype); never changes the output",
+    )
+    group.add_argument(
+        "-k", "--num-draft-tokens", type=int, default=5, help="tokens drafted per round (initial k)"
+    )
+    group.add_argument(
+        "--draft-schedule",
+        default="constant",
+        choices=["constant", "heuristic"],
+        help="constant k, or transformers' heuristic (+2 after a full accept, -1 otherwise)",
+    )
+    group.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=None,
+        help="draft model: stop drafting when its probability of a token falls below this",
+    )
+    group.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram")
+    group.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sampling (unset values come from the model's generation_config, then transformers' "
+        "defaults, as in transformers' generate)"
+    )
+    group.add_argument("--max-new-tokens", type=int, default=None, help="default: model's, or 256")
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 or unset: greedy (unlike transformers, which follows the model's do_sample); "
+        "> 0: sampling at this temperature",
+    )
+    group.add_argument(
+        "--top-k", type=int, default=None, help="when sampling (transformers' default 50; 0 off)"
+    )
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    group.add_argument("--min-p", type=float, default=None, help="min-p filtering in [0, 1]")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="CTRL penalty, > 0")
+    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    group.add_argument(
+        "--stop", action="append", default=None, help="stop string (repeatable); not in the text"
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Generation keyword arguments from parsed CLI arguments (None = unset)."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "do_sample": False if args.temperature is None else None,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop_strings": args.stop,
+    }
+
+
+def load_target(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.target, dtype=args.dtype, device=args.device, threads=args.threads)
+
+
+def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
+    if args.draft:
+        draft = load_model(
+            args.draft,
+            dtype=args.draft_dtype or args.dtype,
+            device=str(target.device),
+            threads=args.threads,
+        )
+        check_same_vocabulary(target.tokenizer, draft.tokenizer)
+        return ModelDrafter(draft, confidence_threshold=args.confidence_threshold)
+    if args.prompt_lookup:
+        return PromptLookupDrafter(max_ngram=args.ngram_max, min_ngram=args.ngram_min)
+    return None
+
+
+def build_schedule(args: argparse.Namespace) -> DraftLength:
+    return make_schedule(args.draft_schedule, args.num_draft_tokens)

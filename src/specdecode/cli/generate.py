@@ -1,0 +1,104 @@
+"""``specdecode generate``: text from a prompt, streamed, with speculation statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from specdecode.cli.common import (
+    add_drafter_args,
+    add_model_args,
+    add_sampling_args,
+    build_drafter,
+    build_schedule,
+    load_target,
+    sampling_kwargs,
+)
+from specdecode.decoding import FinishEvent, GenerationResult, SpeculativeGenerator, sample_seed
+from specdecode.errors import InvalidSettingsError, PromptError
+
+HELP = "generate text from a prompt (greedy by default), optionally with a drafter"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help=HELP, description=HELP)
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read from standard input)")
+    add_model_args(p)
+    add_drafter_args(p)
+    add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "-n", "--num-samples", type=int, default=1, help="independent samples (one seed each)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return str(args.prompt)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise PromptError("no prompt: pass it as an argument or on standard input")
+    return sys.stdin.read()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_samples < 1:
+        raise InvalidSettingsError(f"--num-samples must be >= 1, got {args.num_samples}")
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise PromptError("the prompt is empty: give some text to continue")
+    target = load_target(args)
+    generator = SpeculativeGenerator(target, build_drafter(args, target), build_schedule(args))
+    kwargs = sampling_kwargs(args)
+    greedy = not args.temperature
+    base_seed = args.seed if args.seed is not None else _fresh_seed()
+    results: list[GenerationResult] = []
+    for index in range(args.num_samples):
+        seed = sample_seed(base_seed, index)
+        if not args.json and args.num_samples > 1:
+            print(f"--- sample {index + 1}" + ("" if greedy else f" (seed {seed})") + " ---")
+        results.append(_one(generator, prompt, args, kwargs, seed, stream_text=not args.json))
+    if args.json:
+        payload: dict[str, Any] = results[0].to_dict() if len(results) == 1 else {}
+        if len(results) > 1:
+            payload = {"samples": [r.to_dict() for r in results]}
+        print(json.dumps(payload))
+    return 0
+
+
+def _one(
+    generator: SpeculativeGenerator,
+    prompt: str,
+    args: argparse.Namespace,
+    kwargs: dict[str, Any],
+    seed: int,
+    stream_text: bool,
+) -> GenerationResult:
+    for event in generator.stream(prompt, chat=args.chat, seed=seed, **kwargs):
+        if stream_text and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        if isinstance(event, FinishEvent):
+            if stream_text:
+                sys.stdout.write("\n")
+                print(summary_line(event.result), file=sys.stderr)
+            return event.result
+    raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+
+def summary_line(result: GenerationResult) -> str:
+    s = result.stats
+    alpha = "n/a" if s.alpha is None else f"{s.alpha:.2f}"
+    return (
+        f"[{s.new_tokens} tokens in {s.total_seconds:.2f}s, {s.tokens_per_second:.1f} tok/s, "
+        f"tau {s.tau:.2f}, alpha {alpha}, finish: {result.finish_reason}]"
+    )
+
+
+def _fresh_seed() -> int:
+    import secrets
+
+    return secrets.randbits(63)

@@ -1,0 +1,120 @@
+"""Resolving a generation request: user arguments, then the model's generation config, then
+transformers' defaults, exactly in ``generate``'s order of priority."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from specdecode.errors import InvalidSettingsError
+from specdecode.models import LoadedModel
+from specdecode.sampling import SamplingSettings, resolve_sampling
+
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither the user nor the model's generation config says
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation needs besides the prompt."""
+
+    sampling: SamplingSettings
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.sampling.as_dict(),
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_ids": sorted(self.eos_token_ids),
+            "stop_strings": list(self.stop_strings),
+        }
+
+
+def resolve_request(
+    target: LoadedModel,
+    prompt_length: int,
+    *,
+    generation_config: Any | None = None,
+    max_new_tokens: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    stop_strings: str | list[str] | None = None,
+    stop: str | list[str] | None = None,
+    **sampling_kwargs: Any,
+) -> GenerationRequest:
+    """Merge arguments as transformers' ``generate`` does.
+
+    A ``generation_config`` (transformers ``GenerationConfig``) counts as user arguments; explicit
+    keyword arguments override it.
+    """
+    unknown = set(sampling_kwargs) - set(_SAMPLING_KEYS)
+    if unknown:
+        raise InvalidSettingsError(
+            f"unknown generation argument(s): {', '.join(sorted(unknown))}; supported: "
+            f"{', '.join(_SAMPLING_KEYS)}, max_new_tokens, eos_token_id, stop_strings"
+        )
+    user: dict[str, Any] = {}
+    if generation_config is not None:
+        for key in (*_SAMPLING_KEYS, "max_new_tokens", "eos_token_id", "stop_strings"):
+            value = getattr(generation_config, key, None)
+            if value is not None:
+                user[key] = value
+    user.update({k: v for k, v in sampling_kwargs.items() if v is not None})
+    for key, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("eos_token_id", eos_token_id),
+        ("stop_strings", stop_strings if stop_strings is not None else stop),
+    ):
+        if value is not None:
+            user[key] = value
+
+    model_config = getattr(target.model, "generation_config", None)
+    sampling = resolve_sampling(model_config, **{k: user.get(k) for k in _SAMPLING_KEYS})
+    return GenerationRequest(
+        sampling=sampling,
+        max_new_tokens=_max_new_tokens(target, prompt_length, user.get("max_new_tokens"), model_config),
+        eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config),
+        stop_strings=_stop_strings(user.get("stop_strings")),
+    )
+
+
+def _max_new_tokens(target: LoadedModel, prompt_length: int, asked: Any, model_config: Any) -> int:
+    value = asked
+    if value is None and model_config is not None:
+        value = getattr(model_config, "max_new_tokens", None)
+    if value is None:
+        value = DEFAULT_MAX_NEW_TOKENS
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidSettingsError(f"max_new_tokens must be a positive integer, got {value!r}")
+    limit = target.max_context
+    if limit is not None:
+        value = min(value, limit - prompt_length)
+    return value
+
+
+def _eos_ids(target: LoadedModel, asked: Any, model_config: Any) -> frozenset[int]:
+    value = asked
+    if value is None and model_config is not None:
+        value = getattr(model_config, "eos_token_id", None)
+    if value is None:
+        value = getattr(target.model.config, "eos_token_id", None)
+    if value is None:
+        value = getattr(target.tokenizer, "eos_token_id", None)
+    if value is None:
+        return frozenset()
+    if isinstance(value, int):
+        return frozenset([value])
+    return frozenset(int(v) for v in value)
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    out = tuple(value)
+    if not all(isinstance(s, str) for s in out):
+        raise InvalidSettingsError("stop strings must be strings")
+    return tuple(s for s in out if s)

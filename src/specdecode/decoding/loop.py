@@ -1,0 +1,264 @@
+"""The decoding loop: the one place that combines drafter, target, verification and stopping.
+
+Each round: the drafter proposes up to k tokens; the target scores all of them in one forward
+pass; the greedy rule or speculative sampling keeps a prefix and adds one token of the target's
+own; rejected positions are rolled out of the target's KV cache. The loop yields a
+:class:`RoundEvent` per target pass and a :class:`FinishEvent` at the end. It never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from specdecode.decoding.config import GenerationRequest, resolve_request
+from specdecode.decoding.events import (
+    FinishEvent,
+    FinishReason,
+    GenerationEvent,
+    GenerationResult,
+    GenerationStats,
+    RoundEvent,
+)
+from specdecode.decoding.text import TextStream
+from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
+from specdecode.errors import PromptError
+from specdecode.models import LoadedModel, ModelSession
+from specdecode.models.timing import synchronize
+from specdecode.sampling import TokenSampler, greedy, to_probs
+from specdecode.verify import Verdict, greedy_verify, speculative_sample
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th of several independent samples drawn with ``seed``."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"specdecode:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SpeculativeGenerator:
+    """Generates with a target model and an optional drafter; output is the target's alone.
+
+    Args:
+        target: the model whose output distribution is kept exactly.
+        drafter: proposes tokens (None: plain decoding on the same code path).
+        draft_length: tokens drafted per round: an int for a constant k, or a policy.
+    """
+
+    def __init__(
+        self,
+        target: LoadedModel,
+        drafter: Drafter | None = None,
+        draft_length: DraftLength | int = 5,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.schedule = FixedLength(draft_length) if isinstance(draft_length, int) else draft_length
+        self.session = ModelSession(target.model)
+
+    # ----------------------------------------------------------------------------- prompts
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids for ``prompt`` (a string, or ids as they are); ``chat`` applies the template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise PromptError("the prompt is empty: give some text to continue")
+            tok = self.target.tokenizer
+            if chat:
+                if not getattr(tok, "chat_template", None):
+                    raise PromptError(
+                        f"{self.target.name}'s tokenizer has no chat template: drop --chat "
+                        "and write the prompt in the model's own format"
+                    )
+                messages = [{"role": "user", "content": prompt}]
+                ids = _as_id_list(
+                    tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                )
+            else:
+                ids = list(tok(prompt)["input_ids"])
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise PromptError("the prompt is empty: give some text to continue")
+        limit = self.target.max_context
+        if limit is not None and len(ids) >= limit:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens but {self.target.name} takes at most {limit} "
+                "(prompt and output together): shorten the prompt"
+            )
+        return ids
+
+    # ----------------------------------------------------------------------------- public API
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        """Generate to the end and return the result (see :meth:`stream` for arguments)."""
+        for event in self.stream(prompt, **kwargs):
+            if isinstance(event, FinishEvent):
+                return event.result
+        raise RuntimeError("the decoding loop ended without a result")  # pragma: no cover
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        chat: bool = False,
+        seed: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **generation_kwargs: Any,
+    ) -> Iterator[GenerationEvent]:
+        """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
+
+        Keyword arguments are transformers' names: ``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``eos_token_id``, ``stop_strings`` (or ``stop``), ``generation_config``. Unset ones come
+        from the model's generation config, then transformers' defaults. ``should_stop`` is
+        polled between rounds (a disconnected client, a timeout).
+        """
+        prompt_ids = self.encode(prompt, chat=chat)
+        request = resolve_request(self.target, len(prompt_ids), **generation_kwargs)
+        if seed is None:
+            seed = secrets.randbits(63)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        sampler = TokenSampler(request.sampling, generator)
+        yield from self._decode(prompt_ids, request, sampler, seed, should_stop)
+
+    # ----------------------------------------------------------------------------- the loop
+    def _decode(
+        self,
+        prompt_ids: list[int],
+        request: GenerationRequest,
+        sampler: TokenSampler,
+        seed: int,
+        should_stop: Callable[[], bool] | None,
+    ) -> Iterator[GenerationEvent]:
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        text = TextStream(self.target.tokenizer, request.stop_strings)
+        ids = list(prompt_ids)
+        new: list[int] = []
+        self.session.reset()
+        self.schedule.reset()
+        if self.drafter is not None:
+            self.drafter.begin(ids)
+        start = time.perf_counter()
+
+        # Prefill: the prompt in one pass gives the first token.
+        logits = self.session.forward(ids, 1)
+        first = sampler.choose(sampler.scores(logits, ids, len(ids))[0])
+        synchronize(self.session.device)
+        stats.target_passes = 1
+        stats.target_seconds = stats.time_to_first_token = time.perf_counter() - start
+        proposal, verdict, draft = [first.token], Verdict(0, first.token, 0), EMPTY_DRAFT
+        target_seconds = stats.target_seconds
+
+        finish: FinishReason | None = None
+        while True:
+            event, finish = self._accept(proposal, verdict, draft, target_seconds, new, text, request)
+            ids.extend(event.token_ids)
+            stats.new_tokens = len(new)
+            yield event
+            if finish is None and should_stop is not None and should_stop():
+                finish = "cancelled"
+            if finish is not None:
+                break
+            draft = self._draft(ids, request.max_new_tokens - len(new), sampler)
+            tick = time.perf_counter()
+            verdict = self._verify(ids, draft, sampler)
+            synchronize(self.session.device)
+            target_seconds = time.perf_counter() - tick
+            stats.record_round(len(draft), verdict.num_accepted)
+            stats.draft_seconds += draft.seconds
+            stats.target_seconds += target_seconds
+            proposal = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
+
+        stats.total_seconds = time.perf_counter() - start
+        tail = text.flush()
+        result = GenerationResult(
+            text=text.text,
+            token_ids=new,
+            prompt_ids=prompt_ids,
+            finish_reason=finish,
+            stats=stats,
+            seed=seed if sampler.settings.do_sample else None,
+            settings=request.describe(),
+        )
+        yield FinishEvent(result=result, text=tail)
+
+    def _draft(self, ids: list[int], remaining: int, sampler: TokenSampler) -> Draft:
+        """Ask the drafter for at most k tokens, never more than the budget minus the target's."""
+        if self.drafter is None:
+            return EMPTY_DRAFT
+        k = min(self.schedule.next(), remaining - 1)
+        if k < 1:
+            return EMPTY_DRAFT
+        draft = self.drafter.propose(ids, k, sampler)
+        if len(draft) > k:
+            draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k], draft.seconds)
+        return draft
+
+    def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
+        """One target pass over the pending token and the draft; roll back what is rejected."""
+        k = len(draft)
+        feed = ids[self.session.length :] + draft.tokens
+        logits = self.session.forward(feed, k + 1)  # (k + 1, V)
+        scores = sampler.scores(logits, ids + draft.tokens, len(ids))
+        tokens = torch.tensor(draft.tokens, dtype=torch.long, device=scores.device)
+        if sampler.greedy:
+            verdict = greedy_verify(tokens, greedy(scores))
+        else:
+            verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
+        self.session.truncate(len(ids) + verdict.num_accepted)
+        self.schedule.update(verdict)
+        if self.drafter is not None:
+            self.drafter.observe(verdict)
+        return verdict
+
+    def _accept(
+        self,
+        proposal: list[int],
+        verdict: Verdict,
+        draft: Draft,
+        target_seconds: float,
+        new: list[int],
+        text: TextStream,
+        request: GenerationRequest,
+    ) -> tuple[RoundEvent, FinishReason | None]:
+        """Apply the stops to a round's tokens, append them to ``new``, build the event."""
+        finish: FinishReason | None = None
+        tokens = list(proposal)
+        eos_at = next((i for i, t in enumerate(tokens) if t in request.eos_token_ids), None)
+        if eos_at is not None:
+            tokens, finish = tokens[: eos_at + 1], "eos"
+        room = request.max_new_tokens - len(new)
+        if len(tokens) > room:
+            tokens, finish = tokens[:room], None
+        if finish is None and len(tokens) == room:
+            finish = "length"
+        update = text.push(tokens)
+        if update.keep_tokens is not None:
+            tokens, finish = tokens[: update.keep_tokens], "stop_string"
+        new.extend(tokens)
+        from_draft = [i < verdict.num_accepted for i in range(len(tokens))]
+        event = RoundEvent(
+            token_ids=tokens,
+            from_draft=from_draft,
+            text=update.text,
+            num_drafted=verdict.num_drafted,
+            num_accepted=verdict.num_accepted,
+            draft_seconds=draft.seconds,
+            target_seconds=target_seconds,
+        )
+        return event, finish
+
+
+def _as_id_list(encoded: Any) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    if isinstance(encoded, torch.Tensor):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    return [int(i) for i in encoded]

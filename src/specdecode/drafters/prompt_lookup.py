@@ -1,0 +1,59 @@
+"""Prompt lookup: draft by copying what followed an earlier occurrence of the last n tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
+from specdecode.errors import InvalidSettingsError
+from specdecode.sampling import TokenSampler
+
+
+class PromptLookupDrafter(Drafter):
+    """N-gram matching over the prompt and the text generated so far (Saxena 2023).
+
+    The longest suffix n-gram (from ``max_ngram`` down to ``min_ngram`` tokens) is searched for
+    earlier in the sequence; the most recent match wins, and the tokens that followed it are the
+    draft. It has no distribution: verification treats q as one-hot on each drafted token.
+
+    Example, with ``max_ngram=2`` and ids ``[5, 8, 9, 3, 5, 8]``: the last bigram ``[5, 8]``
+    occurs at position 0, so the draft is what followed it, ``[9, 3, 5, 8]`` (cut to k tokens).
+    """
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidSettingsError(
+                f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}"
+            )
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, ids: Sequence[int], max_tokens: int, sampler: TokenSampler) -> Draft:
+        start = time.perf_counter()
+        tokens = find_continuation(ids, max_tokens, self.max_ngram, self.min_ngram)
+        if not tokens:
+            return EMPTY_DRAFT
+        return Draft(tokens=tokens, q=None, seconds=time.perf_counter() - start)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "max_ngram": self.max_ngram, "min_ngram": self.min_ngram}
+
+
+def find_continuation(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Tokens that followed the most recent earlier match of the longest matching suffix n-gram."""
+    if k < 1 or len(ids) < 2:
+        return []
+    seq = torch.as_tensor(list(ids), dtype=torch.long)
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. len-1-n: each has at least one token after it
+        windows = seq[:-1].unfold(0, n, 1)  # (len - n, n)
+        hits = (windows == seq[-n:]).all(dim=1).nonzero()
+        if hits.numel():
+            begin = int(hits[-1, 0]) + n
+            return [int(t) for t in seq[begin : begin + k]]
+    return []

@@ -1,0 +1,25 @@
+"""Typed errors. Every message says what went wrong and what the user can do about it."""
+
+
+class SpecDecodeError(Exception):
+    """Base class of every error specdecode raises on purpose (the CLI prints these without a traceback)."""
+
+
+class InvalidSettingsError(SpecDecodeError, ValueError):
+    """A generation or sampling argument is out of range or contradicts another."""
+
+
+class ModelLoadError(SpecDecodeError):
+    """A model or tokenizer could not be loaded from the path, file or name given."""
+
+
+class VocabularyMismatchError(SpecDecodeError):
+    """The draft model's tokenizer does not match the target's, so its tokens mean something else."""
+
+
+class PromptError(SpecDecodeError, ValueError):
+    """The prompt is empty or does not fit in the model's context."""
+
+
+class UnsupportedModelError(SpecDecodeError):
+    """The model's architecture does not support a requested feature (e.g. layer skipping)."""

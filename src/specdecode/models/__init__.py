@@ -1,0 +1,17 @@
+"""Models: loading, the KV cache with free rollback, and a per-sequence session."""
+
+from specdecode.models.cache import RollbackLayer, make_cache, truncate_cache
+from specdecode.models.loading import LoadedModel, context_length, load_model
+from specdecode.models.session import ModelSession
+from specdecode.models.vocab import check_same_vocabulary
+
+__all__ = [
+    "LoadedModel",
+    "ModelSession",
+    "RollbackLayer",
+    "check_same_vocabulary",
+    "context_length",
+    "load_model",
+    "make_cache",
+    "truncate_cache",
+]

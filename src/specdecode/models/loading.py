@@ -1,0 +1,183 @@
+"""Loading a causal LM and its tokenizer from a local folder, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdecode.errors import ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to decode with, and where it came from."""
+
+    model: Any  # transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: Any  # transformers tokenizer
+    name: str  # what the user passed (path, file or id)
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def max_context(self) -> int | None:
+        return context_length(self.model.config)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    def config_hash(self) -> str:
+        """A short hash of the architecture-defining config, to tell models apart."""
+        cfg = self.model.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            cfg.pop(volatile, None)
+        blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model was built for, or None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def set_threads(threads: int | None) -> None:
+    """Set the number of CPU threads torch uses (None leaves torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise ModelLoadError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    ``name_or_path`` is a local HF folder, a ``.gguf`` file (transformers' GGUF loader; needs the
+    ``gguf`` and ``accelerate`` packages and dequantizes to ``dtype``) or a hub id (only where the
+    HuggingFace Hub is reachable).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_threads(threads)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    spec = os.fspath(name_or_path)
+    path = Path(spec).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{spec} is a file but not a .gguf file: pass a model folder (with config.json), "
+                "a .gguf file or a hub id"
+            )
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
+            raise ModelLoadError(f"{spec} has no config.json: is it a HuggingFace model folder?")
+        source = str(path)
+    elif _looks_like_path(spec):
+        raise ModelLoadError(f"no such file or folder: {spec}")
+    else:
+        source = spec
+        if not _in_local_hub_cache(spec) and not _hub_reachable():
+            raise ModelLoadError(
+                f"{spec!r} is neither a local folder nor a .gguf file, and the HuggingFace Hub "
+                "cannot be reached from this machine to download it. Pass a local model folder "
+                "or a .gguf file, or a model name from `specdecode models list`."
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(_load_hint(spec, path, exc)) from exc
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, dtype=torch_dtype, device=dev)
+
+
+def _in_local_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache already holds this model's config (loads without network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id, an unreadable cache: treat as absent
+        return False
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so that an offline machine fails in seconds
+    instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", "./", "../", "~", "."))
+        or spec.lower().endswith(".gguf")
+        or os.sep in spec.strip("/").replace("/", "", 1)  # hub ids have exactly one slash
+    )
+
+
+def _load_hint(spec: str, path: Path, exc: Exception) -> str:
+    if path.exists():
+        return f"could not load the model in {spec}: {exc}"
+    return (
+        f"could not load {spec!r} from the HuggingFace Hub ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}). Without access to the Hub, pass a local "
+        "model folder or a .gguf file, or a model name from `specdecode models list`."
+    )

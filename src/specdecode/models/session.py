@@ -1,0 +1,67 @@
+"""One sequence being decoded by one model: the model, its KV cache, and the ids the cache holds."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from specdecode.models.cache import make_cache, reset_cache, truncate_cache
+
+
+class ModelSession:
+    """Feeds token ids to a causal LM, keeping its KV cache in step with ``self.ids``.
+
+    The cache always holds exactly the positions of ``self.ids``. ``forward`` appends,
+    ``truncate`` rolls back (free for full-attention layers, see :mod:`specdecode.models.cache`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = make_cache(model.config)
+        self.ids: list[int] = []
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def reset(self) -> None:
+        reset_cache(self.cache)
+        self.ids = []
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` positions."""
+        if length < len(self.ids):
+            truncate_cache(self.cache, length)
+            del self.ids[length:]
+
+    def sync(self, ids: Sequence[int]) -> list[int]:
+        """Roll back to the longest common prefix with ``ids``; return the ids still to feed.
+
+        At least one id is always returned (so the caller gets logits for the last position).
+        """
+        common = 0
+        limit = min(len(self.ids), len(ids))
+        while common < limit and self.ids[common] == ids[common]:
+            common += 1
+        common = min(common, len(ids) - 1)
+        self.truncate(common)
+        return list(ids[common:])
+
+    @torch.inference_mode()
+    def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor:
+        """Run ``new_ids`` through the model; return logits (num_logits, V) of the last positions."""
+        if not new_ids:
+            raise ValueError("forward needs at least one token")
+        input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
+        kwargs: dict[str, object] = {self._cache_kwarg: self.cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = num_logits
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.ids.extend(int(i) for i in new_ids)
+        return out.logits[0, -num_logits:, :]

@@ -1,0 +1,29 @@
+"""Pure sampling core: settings, logits processors and samplers. Imports no model code."""
+
+from specdecode.sampling.processors import (
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    process_logits,
+)
+from specdecode.sampling.sample import greedy, sample, to_probs
+from specdecode.sampling.sampler import Choice, TokenSampler
+from specdecode.sampling.settings import SamplingSettings, resolve_sampling
+
+__all__ = [
+    "Choice",
+    "TokenSampler",
+    "SamplingSettings",
+    "apply_min_p",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "greedy",
+    "process_logits",
+    "resolve_sampling",
+    "sample",
+    "to_probs",
+]

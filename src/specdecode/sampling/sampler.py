@@ -1,0 +1,51 @@
+"""A token sampler: sampling settings plus one explicit random generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specdecode.sampling.processors import process_logits
+from specdecode.sampling.sample import greedy, sample, to_probs
+from specdecode.sampling.settings import SamplingSettings
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One chosen token and, when sampling, the distribution it was drawn from."""
+
+    token: int
+    probs: torch.Tensor | None  # (V,) processed distribution; None for greedy
+
+
+@dataclass
+class TokenSampler:
+    """Applies :class:`SamplingSettings` to logits and picks tokens with ``generator``."""
+
+    settings: SamplingSettings
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.greedy
+
+    def scores(self, logits: torch.Tensor, ids: Sequence[int], first: int) -> torch.Tensor:
+        """Processed scores (N, V) for logits (N, V) whose row i follows ``ids[: first + i]``."""
+        seen = None
+        if self.settings.repetition_penalty != 1.0:
+            seen = [
+                torch.tensor(ids[: first + i], dtype=torch.long) for i in range(logits.shape[0])
+            ]
+        return process_logits(logits, seen, self.settings)
+
+    def choose(self, scores: torch.Tensor) -> Choice:
+        """Pick one token from processed ``scores`` (V,)."""
+        if self.greedy:
+            return Choice(int(greedy(scores)), None)
+        probs = to_probs(scores)
+        return Choice(int(sample(probs[None].to(self._gen_device()), self.generator)[0]), probs)
+
+    def _gen_device(self) -> torch.device:
+        return self.generator.device if self.generator is not None else torch.device("cpu")
