@@ -23,3 +23,23 @@ class PromptError(SpecDecodeError, ValueError):
 
 class UnsupportedModelError(SpecDecodeError):
     """The model's architecture does not support a requested feature (e.g. layer skipping)."""
+
+
+class UnknownModelError(SpecDecodeError, ValueError):
+    """A model name is not one of the known models of `specdecode models list`."""
+
+
+class ModelNotPulledError(ModelLoadError):
+    """A known model has not been pulled into the local cache yet."""
+
+
+class ModelPullError(ModelLoadError):
+    """A known model could not be pulled: downloaded, checked or converted."""
+
+
+class RegistryUnreachableError(ModelPullError):
+    """The package registry holding a model's files cannot be reached."""
+
+
+class ChecksumMismatchError(ModelPullError):
+    """An assembled model file's size or sha256 differs from the pinned one."""

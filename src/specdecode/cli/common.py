@@ -8,14 +8,17 @@ from typing import Any
 from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
 from specdecode.drafters.schedule import DraftLength
 from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--target",
-        required=True,
-        help="target model: a local HF folder, a .gguf file, or a hub id (hub needs network)",
+        default=None,
+        help="target model: a name from `specdecode models list` (pulled on first use), a local "
+        f"HF folder, a .gguf file, or a hub id (hub needs network). Default: {DEFAULT_TARGET} "
+        f"with draft {DEFAULT_DRAFT} unless another drafter option is given",
     )
     group.add_argument(
         "--dtype",
@@ -28,7 +31,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_drafter_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("drafting (none of these: plain decoding)")
+    group = parser.add_argument_group(
+        "drafting (none of these: plain decoding, or the default pair when --target is not given)"
+    )
     which = group.add_mutually_exclusive_group()
     which.add_argument("--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)")
     which.add_argument(
@@ -98,14 +103,29 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def target_spec(args: argparse.Namespace) -> str:
+    """The --target given, or the default target when none was."""
+    return str(args.target or DEFAULT_TARGET)
+
+
+def draft_spec(args: argparse.Namespace) -> str | None:
+    """The --draft given; the default draft when neither a target nor a drafter was given."""
+    if args.draft:
+        return str(args.draft)
+    if args.target is None and not args.prompt_lookup:  # no drafter option given
+        return DEFAULT_DRAFT
+    return None
+
+
 def load_target(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.target, dtype=args.dtype, device=args.device, threads=args.threads)
+    return load_model(target_spec(args), dtype=args.dtype, device=args.device, threads=args.threads)
 
 
 def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
-    if args.draft:
+    draft_name = draft_spec(args)
+    if draft_name:
         draft = load_model(
-            args.draft,
+            draft_name,
             dtype=args.draft_dtype or args.dtype,
             device=str(target.device),
             threads=args.threads,

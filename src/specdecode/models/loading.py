@@ -95,8 +95,9 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is a local HF folder, a ``.gguf`` file (transformers' GGUF loader; needs the
-    ``gguf`` and ``accelerate`` packages and dequantizes to ``dtype``) or a hub id (only where the
-    HuggingFace Hub is reachable).
+    ``gguf`` and ``accelerate`` packages and dequantizes to ``dtype``), a known model name from
+    ``specdecode models list`` (pulled on first use) or a hub id (only where the HuggingFace Hub
+    is reachable).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +105,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     spec = os.fspath(name_or_path)
-    path = Path(spec).expanduser()
+    path = Path(resolve_known_name(spec)).expanduser()
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -135,6 +136,19 @@ def load_model(
     model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, dtype=torch_dtype, device=dev)
+
+
+def resolve_known_name(spec: str) -> str:
+    """A known model name (``specdecode models list``) becomes its pulled folder, pulled on first
+    use with progress bars; anything else, including an existing path of that name, is kept."""
+    from specdecode.models.registry import find_known_model
+
+    known = find_known_model(spec)
+    if known is None or Path(spec).expanduser().exists():
+        return spec
+    from specdecode.models.pull import TqdmProgress, ensure_pulled
+
+    return str(ensure_pulled(known.name, progress=TqdmProgress()))
 
 
 def _in_local_hub_cache(repo_id: str) -> bool:
