@@ -1,0 +1,202 @@
+"""Engine updates and results as OpenAI bodies: chat or text completions, whole or in chunks."""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+
+from pydantic import BaseModel
+
+from specdecode.decoding import GenerationResult, GenerationStats
+from specdecode.server.engine import ChoiceUpdate, JobSpec
+from specdecode.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChunkExtension,
+    Completion,
+    CompletionChoice,
+    FinishReason,
+    ResponseExtension,
+    SpeculationStats,
+    TextSegment,
+    Usage,
+)
+
+_FINISH: dict[str, FinishReason] = {"eos": "stop", "stop_string": "stop", "length": "length"}
+
+
+def speculation_stats(stats: GenerationStats) -> SpeculationStats:
+    return SpeculationStats(
+        tau=stats.tau,
+        alpha=stats.alpha,
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        target_passes=stats.target_passes,
+        new_tokens=stats.new_tokens,
+        tokens_per_second=stats.tokens_per_second,
+        time_to_first_token=stats.time_to_first_token,
+        seconds=stats.total_seconds,
+    )
+
+
+def summed_stats(results: Iterable[GenerationResult]) -> SpeculationStats:
+    """Statistics of several generations as if they were one (the first one's time to token)."""
+    total = GenerationStats()
+    for i, r in enumerate(results):
+        s = r.stats
+        total.new_tokens += s.new_tokens
+        total.target_passes += s.target_passes
+        total.drafted += s.drafted
+        total.accepted += s.accepted
+        total.rejected_rounds += s.rejected_rounds
+        total.total_seconds += s.total_seconds
+        if i == 0:
+            total.time_to_first_token = s.time_to_first_token
+    return speculation_stats(total)
+
+
+def finish_reason(result: GenerationResult) -> FinishReason:
+    return _FINISH[result.finish_reason]
+
+
+Results = Mapping[int, GenerationResult]  # by choice index
+
+
+class ResponseFormat(ABC):
+    """Builds the bodies of one request; subclasses give the chat or text shapes."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, model: str, spec: JobSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
+
+    def usage(self, results: Iterable[GenerationResult]) -> Usage:
+        completion = sum(len(r.token_ids) for r in results)
+        prompt = self.spec.prompt_tokens
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+    def extension(self, results: Results) -> ResponseExtension:
+        ordered = [results[i] for i in sorted(results)]
+        return ResponseExtension(
+            stats=summed_stats(ordered), choices=[speculation_stats(r.stats) for r in ordered]
+        )
+
+    @staticmethod
+    def chunk_extension(update: ChoiceUpdate) -> ChunkExtension:
+        result = update.result
+        return ChunkExtension(
+            tokens=update.token_ids,
+            from_draft=update.from_draft,
+            segments=[TextSegment(text=p.text, from_draft=p.from_draft) for p in update.pieces],
+            tau=update.tau,
+            tokens_per_second=update.tokens_per_second,
+            stats=None if result is None else speculation_stats(result.stats),
+        )
+
+    def opening(self) -> list[BaseModel]:
+        """Chunks sent before the first token."""
+        return []
+
+    @abstractmethod
+    def chunk(self, update: ChoiceUpdate) -> BaseModel:
+        """A stream chunk for one round (or the end) of a choice."""
+
+    @abstractmethod
+    def usage_chunk(self, results: Results) -> BaseModel:
+        """The stream's last chunk when ``stream_options.include_usage`` is set."""
+
+    @abstractmethod
+    def response(self, results: Results) -> BaseModel:
+        """The whole response of a request that did not stream."""
+
+
+class ChatFormat(ResponseFormat):
+    id_prefix = "chatcmpl"
+
+    def opening(self) -> list[BaseModel]:
+        """The first chunk of every choice gives the role, as the OpenAI API does."""
+        return [
+            ChatCompletionChunk(
+                id=self.id,
+                model=self.model,
+                choices=[
+                    ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))
+                ],
+            )
+            for c in self.spec.choices
+        ]
+
+    def chunk(self, update: ChoiceUpdate) -> BaseModel:
+        finish = None if update.result is None else finish_reason(update.result)
+        choice = ChatChunkChoice(
+            index=update.index, delta=ChatDelta(content=update.text), finish_reason=finish
+        )
+        return ChatCompletionChunk(
+            id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
+        )
+
+    def usage_chunk(self, results: Results) -> BaseModel:
+        return ChatCompletionChunk(
+            id=self.id,
+            model=self.model,
+            choices=[],
+            usage=self.usage(results.values()),
+            specdecode=self.extension(results),
+        )
+
+    def response(self, results: Results) -> BaseModel:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=results[i].text),
+                finish_reason=finish_reason(results[i]),
+            )
+            for i in sorted(results)
+        ]
+        return ChatCompletion(
+            id=self.id,
+            model=self.model,
+            choices=choices,
+            usage=self.usage(results.values()),
+            specdecode=self.extension(results),
+        )
+
+
+class CompletionFormat(ResponseFormat):
+    def chunk(self, update: ChoiceUpdate) -> BaseModel:
+        finish = None if update.result is None else finish_reason(update.result)
+        choice = CompletionChoice(index=update.index, text=update.text, finish_reason=finish)
+        return Completion(
+            id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
+        )
+
+    def usage_chunk(self, results: Results) -> BaseModel:
+        return Completion(
+            id=self.id,
+            model=self.model,
+            choices=[],
+            usage=self.usage(results.values()),
+            specdecode=self.extension(results),
+        )
+
+    def response(self, results: Results) -> BaseModel:
+        choices = [
+            CompletionChoice(index=i, text=results[i].text, finish_reason=finish_reason(results[i]))
+            for i in sorted(results)
+        ]
+        return Completion(
+            id=self.id,
+            model=self.model,
+            choices=choices,
+            usage=self.usage(results.values()),
+            specdecode=self.extension(results),
+        )

@@ -1,0 +1,219 @@
+"""Request and response bodies in the OpenAI API's shapes (pydantic), apart from any logic.
+
+Requests ignore fields they do not know, as the OpenAI API does, and are strict about types:
+``"max_tokens": "5"`` is an error, not 5. Responses add one field the OpenAI API lacks,
+``specdecode``, which OpenAI clients ignore: speculation statistics, and in stream chunks the
+tokens of the chunk with, per token, whether it came from the draft.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+MAX_STOP_STRINGS = 4  # as in the OpenAI API
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False  # a last chunk with ``usage`` and no choices
+
+
+class TextPart(_Request):
+    """One part of a message's content given as a list (``{"type": "text", "text": ...}``)."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class GenerationFields(_Request):
+    """Fields common to chat and text completions."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # unset: server's default
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # not in the OpenAI API; 0 disables
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None  # not in the OpenAI API
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # not in the OpenAI API
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # wins over max_tokens
+
+
+class CompletionRequest(GenerationFields):
+    # One prompt or several: text, texts, token ids, or lists of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+# ----------------------------------------------------------------------------- responses
+def _now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SpeculationStats(BaseModel):
+    """Speculation statistics of one generation, or summed over several."""
+
+    tau: float  # new tokens per target forward pass (plain decoding: 1)
+    alpha: float | None  # acceptance rate of drafted tokens (None: nothing was drafted)
+    drafted: int  # tokens proposed by the drafter
+    accepted: int  # drafted tokens the target kept
+    target_passes: int  # target forward passes, prefill included
+    new_tokens: int
+    tokens_per_second: float
+    time_to_first_token: float  # seconds from the start of the generation (queue wait excluded)
+    seconds: float  # generation time
+
+
+class TextSegment(BaseModel):
+    """A piece of streamed text and where its token came from."""
+
+    text: str
+    from_draft: bool  # True: drafted and accepted; False: the target's own token
+
+
+class ChunkExtension(BaseModel):
+    """The ``specdecode`` field of a stream chunk."""
+
+    tokens: list[int]  # token ids generated in this round
+    from_draft: list[bool]  # per token of ``tokens``
+    segments: list[TextSegment]  # the chunk's text, split by the token each piece came from
+    tau: float  # running tau of this choice
+    tokens_per_second: float  # running rate of this choice
+    stats: SpeculationStats | None = None  # on the chunk that finishes a choice, and with usage
+
+
+class ResponseExtension(BaseModel):
+    """The ``specdecode`` field of a whole response: totals, then each choice's statistics."""
+
+    stats: SpeculationStats
+    choices: list[SpeculationStats]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    specdecode: ResponseExtension
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_only(self) -> dict[str, str]:
+        """A delta holds only what it changes, as in the OpenAI API."""
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    specdecode: ChunkExtension | ResponseExtension | None = None  # the latter with ``usage``
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion, and (``object`` aside) a chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    specdecode: ResponseExtension | ChunkExtension | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "specdecode"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    waiting: int  # requests in the queue
+    running: int  # 0 or 1: one model, one generation at a time
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
