@@ -156,12 +156,18 @@ function setBusy(busy) {
 async function loadModel() {
   try {
     const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      state.model = null;
+      $("model").textContent = "(this server needs an API key)";
+      $("api-key").classList.add("needed");
+      return;
+    }
     if (!response.ok) throw new Error(await errorText(response));
     state.model = (await response.json()).data[0].id;
     $("model").textContent = state.model;
+    $("api-key").classList.remove("needed");
   } catch (err) {
-    $("model").textContent = "(set the API key)";
-    showError(err.message);
+    showError(`could not list the models: ${err.message}`);
   }
 }
 
