@@ -1,0 +1,154 @@
+"""The standard set of modes: transformers' ways of generating beside ours, on the same models."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from specdecode.bench.costs import CostProbe
+from specdecode.bench.modes import REFERENCE, Mode, SpecDecodeMode, TransformersMode
+from specdecode.decoding import SpeculativeGenerator
+from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
+from specdecode.errors import InvalidSettingsError
+from specdecode.models import LoadedModel
+
+HF_ASSISTED = "hf-assisted"  # the assistant's own settings (transformers' defaults)
+HF_ASSISTED_K5 = "hf-assisted-k5-heuristic"
+HF_LOOKUP = "hf-prompt-lookup"
+OURS_PLAIN = "ours-plain"
+OURS_DRAFT = "ours-draft"
+OURS_LOOKUP = "ours-prompt-lookup"
+OURS_LAYER_SKIP = "ours-layer-skip"
+
+MODE_NAMES = (
+    REFERENCE,
+    HF_ASSISTED,
+    HF_ASSISTED_K5,
+    HF_LOOKUP,
+    OURS_PLAIN,
+    OURS_DRAFT,
+    OURS_LOOKUP,
+    OURS_LAYER_SKIP,
+)
+NEEDS_DRAFT = frozenset({HF_ASSISTED, HF_ASSISTED_K5, OURS_DRAFT})
+NEEDS_SKIP = frozenset({OURS_LAYER_SKIP})
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """Settings of the modes that draft."""
+
+    k: int = 5  # our draft model: tokens drafted per round (initial k)
+    schedule: str = "constant"  # our draft model's length policy: constant or heuristic
+    layer_skip_k: int | None = None  # layer skip: the most tokens per round (None: k)
+    confidence_threshold: float | None = None  # our draft model: stop below this probability
+    lookup_tokens: int = 10  # both prompt lookups: tokens per draft
+    ngram_max: int = 3  # our prompt lookup: longest n-gram
+    ngram_min: int = 1  # our prompt lookup: shortest n-gram
+    hf_ngram: int = 2  # transformers' prompt lookup: max_matching_ngram_size (its default)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def available_modes(draft: LoadedModel | None, layer_skip: Drafter | None) -> list[str]:
+    """The standard modes that can run with what was given."""
+    return [
+        name
+        for name in MODE_NAMES
+        if (draft is not None or name not in NEEDS_DRAFT)
+        and (layer_skip is not None or name not in NEEDS_SKIP)
+    ]
+
+
+def select_modes(asked: list[str] | None, available: list[str]) -> list[str]:
+    """``asked`` (None: all available) in the standard order, the reference always included."""
+    if asked is None:
+        return list(available)
+    unknown = [m for m in asked if m not in MODE_NAMES]
+    if unknown:
+        raise InvalidSettingsError(
+            f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODE_NAMES)}"
+        )
+    missing = [m for m in asked if m not in available]
+    if missing:
+        raise InvalidSettingsError(
+            f"mode(s) {', '.join(missing)} need a model that was not given: "
+            "--draft for the draft-model modes, --skip-profile for layer skip"
+        )
+    wanted = {*asked, REFERENCE}
+    return [m for m in MODE_NAMES if m in wanted]
+
+
+def standard_modes(
+    target: LoadedModel,
+    names: list[str],
+    config: ModeConfig,
+    draft: LoadedModel | None = None,
+    layer_skip: Drafter | None = None,
+) -> list[Mode]:
+    """Build the modes called ``names`` (see :data:`MODE_NAMES`) on shared models."""
+    draft_key = None if draft is None else f"draft model {draft.name}"
+    builders = {
+        REFERENCE: lambda: TransformersMode(REFERENCE, target),
+        HF_ASSISTED: lambda: _hf_assisted(HF_ASSISTED, target, _need(draft), {}, draft_key),
+        HF_ASSISTED_K5: lambda: _hf_assisted(
+            HF_ASSISTED_K5,
+            target,
+            _need(draft),
+            {"num_assistant_tokens": 5, "num_assistant_tokens_schedule": "heuristic"},
+            draft_key,
+        ),
+        HF_LOOKUP: lambda: TransformersMode(
+            HF_LOOKUP,
+            target,
+            generate_kwargs={
+                "prompt_lookup_num_tokens": config.lookup_tokens,
+                "max_matching_ngram_size": config.hf_ngram,
+            },
+        ),
+        OURS_PLAIN: lambda: SpecDecodeMode(OURS_PLAIN, SpeculativeGenerator(target)),
+        OURS_DRAFT: lambda: _ours_draft(target, _need(draft), config, draft_key),
+        OURS_LOOKUP: lambda: SpecDecodeMode(
+            OURS_LOOKUP,
+            SpeculativeGenerator(
+                target,
+                PromptLookupDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
+                config.lookup_tokens,
+            ),
+        ),
+        OURS_LAYER_SKIP: lambda: SpecDecodeMode(
+            OURS_LAYER_SKIP,
+            SpeculativeGenerator(target, _need(layer_skip), config.layer_skip_k or config.k),
+        ),
+    }
+    return [builders[name]() for name in names]
+
+
+def _need(value: T | None) -> T:
+    if value is None:
+        raise InvalidSettingsError("this mode needs a model that was not given")
+    return value
+
+
+def _hf_assisted(
+    name: str,
+    target: LoadedModel,
+    draft: LoadedModel,
+    overrides: dict[str, object],
+    draft_key: str | None,
+) -> TransformersMode:
+    probe = CostProbe(draft_key or name, ModelDrafter(draft))
+    return TransformersMode(
+        name, target, assistant=draft, assistant_overrides=overrides, cost_probe=probe
+    )
+
+
+def _ours_draft(
+    target: LoadedModel, draft: LoadedModel, config: ModeConfig, draft_key: str | None
+) -> SpecDecodeMode:
+    drafter = ModelDrafter(draft, confidence_threshold=config.confidence_threshold)
+    generator = SpeculativeGenerator(target, drafter, make_schedule(config.schedule, config.k))
+    return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
