@@ -61,6 +61,8 @@ class SpeculativeGenerator:
         self.drafter = drafter
         self.schedule = FixedLength(draft_length) if isinstance(draft_length, int) else draft_length
         self.session = ModelSession(target.model)
+        if drafter is not None:
+            drafter.bind(self.session)
 
     # ----------------------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:

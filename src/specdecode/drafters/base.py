@@ -9,11 +9,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from specdecode.sampling import TokenSampler
 from specdecode.verify import Verdict
+
+if TYPE_CHECKING:
+    from specdecode.models import ModelSession
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,13 @@ class Drafter(ABC):
     """Proposes tokens for the target to verify."""
 
     name: str = "drafter"
+
+    def bind(self, target: ModelSession) -> None:  # noqa: B027 - optional hook
+        """Called once by the loop with the target's session, before any sequence.
+
+        Only drafters that run on the target itself (layer skipping) need it: they share the
+        target's model and KV cache, and must leave the session as they found it.
+        """
 
     def begin(self, prompt_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Start a new sequence (drop state left from the previous one)."""
