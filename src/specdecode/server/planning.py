@@ -8,6 +8,7 @@ a message the chat template refuses, sampling values that contradict each other 
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,23 +26,31 @@ from specdecode.server.settings import ServerSettings
 
 
 class RequestPlanner:
-    """Turns request bodies into jobs for one generator."""
+    """Turns request bodies into jobs for one generator.
+
+    Called from the server's thread pool, several requests at once; a lock keeps them from
+    using the (Rust, not re-entrant for writes) fast tokenizer at the same time.
+    """
 
     def __init__(self, generator: SpeculativeGenerator, settings: ServerSettings) -> None:
         self.generator = generator
         self.settings = settings
         self.tokenizer = generator.target.tokenizer
         self.vocab_size = int(generator.target.model.get_input_embeddings().num_embeddings)
+        self._lock = threading.Lock()
 
     def chat(self, body: ChatCompletionRequest) -> JobSpec:
         self.check_model(body.model)
-        ids = self._template(body.messages)
+        with self._lock:
+            ids = self._template(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return self._plan(body, [ids], max_tokens, param="messages")
 
     def completion(self, body: CompletionRequest) -> JobSpec:
         self.check_model(body.model)
-        return self._plan(body, self._prompts(body.prompt), body.max_tokens, param="prompt")
+        with self._lock:
+            prompts = self._prompts(body.prompt)
+        return self._plan(body, prompts, body.max_tokens, param="prompt")
 
     # ----------------------------------------------------------------------------- prompts
     def check_model(self, name: str) -> None:
