@@ -243,4 +243,5 @@ def ours_kwargs(request: GenerationRequest) -> dict[str, Any]:
         "max_new_tokens": request.max_new_tokens,
         "eos_token_id": sorted(request.eos_token_ids),
         "stop_strings": list(request.stop_strings) or None,
+        "sampling_mode": request.sampling_mode,
     }

@@ -118,6 +118,12 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
         "--categories", type=_comma_list, default=None, help="comma-separated categories to keep"
     )
     group.add_argument("--limit", type=int, default=None, help="prompts per category")
+    group.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="prompts skipped first in each category (e.g. those a skip profile was searched on)",
+    )
     group.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
 
 
@@ -173,6 +179,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InvalidSettingsError("--warmup must be >= 0")
     if args.limit is not None and args.limit < 1:
         raise InvalidSettingsError("--limit must be >= 1")
+    if args.offset < 0:
+        raise InvalidSettingsError("--offset must be >= 0")
 
 
 def _load_draft(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | None:
@@ -210,7 +218,10 @@ def _seed(args: argparse.Namespace) -> int:
 def load_cases(args: argparse.Namespace, target: LoadedModel) -> list[BenchCase]:
     """The prompts asked for, encoded once (chat template or not) for every mode alike."""
     path = args.prompts if args.prompts is not None else builtin_prompts()
-    prompts = load_prompts(path, categories=args.categories, per_category=args.limit)
+    per_category = args.limit if args.limit is not None else sys.maxsize
+    prompts = load_prompts(
+        path, categories=args.categories, per_category=per_category, offset=args.offset
+    )
     encoder = SpeculativeGenerator(target)
     return [
         BenchCase(
@@ -236,6 +247,7 @@ def _settings(
         "prompts": str(args.prompts) if args.prompts is not None else "built-in",
         "categories": args.categories,
         "limit": args.limit,
+        "offset": args.offset,
         "chat": args.chat,
         "generation": {k: v for k, v in sampling_kwargs(args).items() if v is not None},
         "seed": _seed(args),
