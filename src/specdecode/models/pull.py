@@ -43,7 +43,7 @@ from specdecode.errors import (
     ModelPullError,
     RegistryUnreachableError,
 )
-from specdecode.models.registry import Chunk, KnownModel, get_known_model
+from specdecode.models.registry import Chunk, GenerationDefaults, KnownModel, get_known_model
 
 MARKER = ".specdecode-pulled.json"  # written last into a pulled model's folder
 _BLOCK = 8 << 20  # bytes read at a time when joining and hashing
@@ -410,12 +410,26 @@ class Convert(Protocol):
 
 
 def convert_gguf(gguf: Path, out: Path, model: KnownModel, progress: Progress) -> None:
-    """Dequantize the GGUF file to float32 and save it as a plain HF folder: safetensors,
-    config (without ``quantization_config``), tokenizer and an explicit generation config."""
+    """The conversion step of a pull: ``gguf_to_folder`` with the model's generation config."""
+    gguf_to_folder(gguf, out, model.generation, progress=progress, label=model.name)
+
+
+def gguf_to_folder(
+    gguf: Path,
+    out: Path,
+    generation: GenerationDefaults | None = None,
+    *,
+    progress: Progress | None = None,
+    label: str | None = None,
+) -> None:
+    """Dequantize a GGUF file to float32 and save it as a plain HF folder ``out`` (created):
+    safetensors, config (without ``quantization_config``), tokenizer, and a generation config
+    with ``generation``'s special ids (default: those of the GGUF's config)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    with progress.bar(f"convert {model.name}", 4, "step") as advance:
+    bars = progress if progress is not None else NoProgress()
+    with bars.bar(f"convert {label or gguf.name}", 4, "step") as advance:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         advance(1)
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -427,7 +441,8 @@ def convert_gguf(gguf: Path, out: Path, model: KnownModel, progress: Progress) -
         plain.save_pretrained(out)
         advance(1)
         tokenizer.save_pretrained(out)
-        GenerationConfig(**model.generation.to_dict()).save_pretrained(out)
+        if generation is not None:
+            GenerationConfig(**generation.to_dict()).save_pretrained(out)
         advance(1)
 
 
@@ -573,9 +588,14 @@ def _check_free_space(model: KnownModel, layout: PullLayout) -> None:
 
 
 def _seal(folder: Path, record: PullRecord) -> None:
-    """Flush every file of ``folder`` to disk, then write the completion marker, last."""
+    """Flush every file of ``folder`` to disk, then write the completion marker, last.
+
+    Files get the folder's read/write permissions (some writers create them private), so that a
+    shared cache is readable by whoever can read its folders."""
+    mode = folder.stat().st_mode & 0o666
     for path in folder.rglob("*"):
         if path.is_file():
+            path.chmod(mode)
             _fsync(path)
     temporary = folder / (MARKER + ".tmp")
     temporary.write_text(json.dumps(asdict(record), indent=2) + "\n")

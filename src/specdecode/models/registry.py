@@ -91,7 +91,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
         layers=24,
         hidden=896,
         parameters="0.63B",
-        folder_size=2_520_000_000,
+        folder_size=2_532_000_000,
         generation=_QWEN_GENERATION,
     ),
     KnownModel(
@@ -104,7 +104,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
         layers=28,
         hidden=1536,
         parameters="1.78B",
-        folder_size=7_110_000_000,
+        folder_size=7_120_000_000,
         generation=_QWEN_GENERATION,
     ),
     KnownModel(
@@ -117,7 +117,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
         layers=30,
         hidden=576,
         parameters="135M",
-        folder_size=540_000_000,
+        folder_size=542_000_000,
         generation=GenerationDefaults(eos_token_id=(2,), pad_token_id=2, bos_token_id=1),
     ),
 )
