@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdecode.models import LoadedModel, load_model
+from specdecode.testing import make_tiny_model, perturbed_copy
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+# Tiny models gain nothing from threads, and several test processes may share the cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_dir(arch, kind)`` -> folder of a tiny model; kind: target, perturbed, unrelated."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(arch: str, kind: str = "target") -> Path:
+        key = (arch, kind)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch}-{kind}")
+            if kind == "target":
+                make_tiny_model(folder, arch, seed=0)
+            elif kind == "perturbed":
+                perturbed_copy(make(arch, "target"), folder, scale=0.03)
+            elif kind == "unrelated":
+                make_tiny_model(folder, arch, seed=123)
+            else:
+                raise ValueError(kind)
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """``tiny(arch, kind)`` -> a loaded tiny model (cached for the session)."""
+    cache: dict[tuple[str, str], LoadedModel] = {}
+
+    def get(arch: str, kind: str = "target") -> LoadedModel:
+        key = (arch, kind)
+        if key not in cache:
+            cache[key] = load_model(tiny_dir(arch, kind), device="cpu")
+        return cache[key]
+
+    return get

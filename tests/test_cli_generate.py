@@ -1,0 +1,124 @@
+"""``specdecode generate``: JSON output equals transformers, and bad input is a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specdecode.cli.main import main
+
+PROMPT = "def add(a, b):"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
+    t = tiny(arch)
+    enc = t.tokenizer(prompt, return_tensors="pt")
+    out = t.model.generate(**enc, do_sample=False, max_new_tokens=new)
+    return out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("drafter", [[], ["--prompt-lookup"], ["--draft", "perturbed"]])
+def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):
+    args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "30", "--json"]
+    if drafter[:1] == ["--draft"]:
+        drafter = ["--draft", str(tiny_dir("qwen2", "perturbed"))]
+    code, out, _ = run_cli(capsys, *args, *drafter)
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["token_ids"] == hf_greedy(tiny, "qwen2", PROMPT, 30)
+    assert payload["text"] == tiny("qwen2").tokenizer.decode(payload["token_ids"])
+    assert {"tau", "alpha", "new_tokens", "tokens_per_second"} <= payload["stats"].keys()
+
+
+def test_json_samples_are_independent_and_reproducible(capsys, tiny_dir):
+    args = [PROMPT, "--target", str(tiny_dir("llama")), "--max-new-tokens", "12", "--json"]
+    sampled = [*args, "--temperature", "1.0", "-n", "3", "--seed", "7", "--prompt-lookup"]
+    code, out, _ = run_cli(capsys, *sampled)
+    assert code == 0
+    samples = json.loads(out)["samples"]
+    assert len(samples) == 3
+    assert len({tuple(s["token_ids"]) for s in samples}) > 1
+    assert len({s["seed"] for s in samples}) == 3
+    _, again, _ = run_cli(capsys, *sampled)
+    assert [s["token_ids"] for s in json.loads(again)["samples"]] == [
+        s["token_ids"] for s in samples
+    ]
+
+
+def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
+    code, out, err = run_cli(
+        capsys, PROMPT, "--target", str(tiny_dir("gpt2")), "--max-new-tokens", "8"
+    )
+    assert code == 0
+    assert out.endswith("\n") and "tok/s" in err and "tau" in err and "alpha" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--temperature", "0.5", "--top-p", "1.5"], "top_p"),
+        (["--temperature", "0.5", "--top-p", "0"], "top_p"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["-n", "0"], "num-samples"),
+    ],
+)
+def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):
+    code, _, err = run_cli(capsys, PROMPT, "--target", str(tiny_dir("llama")), *extra)
+    assert code == 2
+    assert "error" in err and message in err and "Traceback" not in err
+
+
+def test_empty_prompt_is_an_error(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "", "--target", str(tiny_dir("llama")))
+    assert code == 2 and "empty" in err
+
+
+def test_prompt_longer_than_context_is_an_error(capsys, tiny_dir):
+    long_prompt = "word " * 2000
+    code, _, err = run_cli(capsys, long_prompt, "--target", str(tiny_dir("llama")))
+    assert code == 2 and "at most 512" in err
+
+
+def test_mismatched_vocabulary_is_an_error(capsys, tmp_path, tiny_dir):
+    from specdecode.testing import make_tiny_model
+
+    make_tiny_model(tmp_path, "llama", vocab_size=300)  # a different tokenizer
+    code, _, err = run_cli(
+        capsys, PROMPT, "--target", str(tiny_dir("llama")), "--draft", str(tmp_path)
+    )
+    assert code == 2 and "tokenizer does not match" in err
+
+
+def test_missing_model_is_an_error(capsys):
+    code, _, err = run_cli(capsys, PROMPT, "--target", "./no/such/folder")
+    assert code == 2 and "no such file or folder" in err
+
+
+def test_console_script_reads_stdin_without_traceback(tiny_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "specdecode.cli.main",
+        "generate",
+        "--target",
+        str(tiny_dir("gpt2")),
+    ]
+    ok = subprocess.run(
+        [*cmd, "--max-new-tokens", "5", "--json"], input=PROMPT, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["token_ids"]) == 5
+    bad = subprocess.run(
+        [*cmd, "--top-k", "-3", "--temperature", "1"], input=PROMPT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "top_k" in bad.stderr

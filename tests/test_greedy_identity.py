@@ -1,0 +1,92 @@
+"""Greedy output is token-identical to transformers' generate(do_sample=False), whatever drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdecode import HeuristicLength, ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
+
+from .conftest import ARCHS
+
+PROMPTS = ["def add(a, b):", "The quick brown fox", "for i in range(10):\n    print(i)\nfor i in"]
+NEW = 48
+
+
+def reference(target, prompt: str, **kwargs) -> list[int]:
+    enc = target.tokenizer(prompt, return_tensors="pt")
+    out = target.model.generate(**enc, do_sample=False, max_new_tokens=NEW, **kwargs)
+    return out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+def drafter_for(tiny, arch: str, kind: str):
+    if kind == "plain":
+        return None
+    if kind == "prompt-lookup":
+        return PromptLookupDrafter(max_ngram=3)
+    draft_model = {"self": "target", "random": "unrelated", "perturbed": "perturbed"}[kind]
+    # "self" loads a second copy so the drafter has its own cache
+    return ModelDrafter(tiny(arch, draft_model) if kind != "self" else _copy(tiny, arch))
+
+
+def _copy(tiny, arch):
+    from specdecode.models import LoadedModel
+
+    t = tiny(arch)
+    return LoadedModel(t.model, t.tokenizer, t.name, t.dtype, t.device)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["plain", "self", "random", "perturbed", "prompt-lookup"])
+def test_greedy_identity(tiny, arch, kind):
+    target = tiny(arch)
+    generator = SpeculativeGenerator(target, drafter_for(tiny, arch, kind), draft_length=4)
+    for prompt in PROMPTS:
+        result = generator.generate(prompt, max_new_tokens=NEW)
+        assert result.token_ids == reference(target, prompt), (arch, kind, prompt)
+        assert result.stats.rounds >= 3
+        if kind == "self":
+            assert result.stats.alpha == 1.0  # the target as its own draft: all accepted
+        if kind == "plain":
+            assert result.stats.tau == 1.0 and result.stats.drafted == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_identity_heuristic_schedule_and_confidence_stop(tiny, arch):
+    target = tiny(arch)
+    drafter = ModelDrafter(tiny(arch, "perturbed"), confidence_threshold=0.3)
+    generator = SpeculativeGenerator(target, drafter, HeuristicLength(3))
+    for prompt in PROMPTS:
+        assert generator.generate(prompt, max_new_tokens=NEW).token_ids == reference(target, prompt)
+
+
+def test_repetition_penalty_from_model_config_applies(tiny):
+    target = tiny("qwen2")
+    saved = target.model.generation_config.repetition_penalty
+    target.model.generation_config.repetition_penalty = 1.3
+    try:
+        generator = SpeculativeGenerator(target, ModelDrafter(tiny("qwen2", "perturbed")), 4)
+        for prompt in PROMPTS[:2]:
+            ours = generator.generate(prompt, max_new_tokens=NEW).token_ids
+            assert ours == reference(target, prompt)
+    finally:
+        target.model.generation_config.repetition_penalty = saved
+
+
+def test_draft_with_padded_embedding_matrix(tmp_path, tiny):
+    """A draft whose embedding matrix is padded larger (same tokenizer) works and stays exact."""
+    from specdecode.models import load_model
+    from specdecode.testing import make_tiny_model, tiny_tokenizer
+
+    make_tiny_model(tmp_path, "llama", seed=5, vocab_size=384)
+    tiny_tokenizer(320).save_pretrained(tmp_path)  # same tokenizer as the target, padded matrix
+    draft = load_model(tmp_path, device="cpu")
+    target = tiny("llama")
+    generator = SpeculativeGenerator(target, ModelDrafter(draft), 4)
+    for temperature in (None, 0.9):
+        kwargs = {"temperature": temperature} if temperature else {}
+        result = generator.generate(PROMPTS[0], max_new_tokens=NEW, seed=1, **kwargs)
+        if temperature is None:
+            assert result.token_ids == reference(target, PROMPTS[0])
+        assert all(t < 320 for t in result.token_ids)
+    assert torch.is_tensor(draft.model.get_input_embeddings().weight)
