@@ -108,7 +108,7 @@ def effective_assistant_settings(assistant: Any, overrides: dict[str, Any]) -> d
     """The assisted-generation settings transformers will use: overrides, then the assistant's
     generation config, then transformers' global defaults."""
     config = copy.deepcopy(assistant.generation_config)
-    defaults = config._get_default_generation_params()
+    defaults = getattr(config, "_get_default_generation_params", dict)()
     out = {}
     for key in _ASSISTANT_FIELDS:
         value = overrides.get(key, getattr(config, key, None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from specdecode.bench.stats import ALL, ModeSummary
 from specdecode.errors import SpecDecodeError
@@ -16,7 +17,7 @@ class PlottingUnavailableError(SpecDecodeError):
     """matplotlib is not installed."""
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
