@@ -48,7 +48,14 @@ UNCATEGORIZED = "prompts"  # the category of prompts whose file gives none (plai
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help=HELP, description=HELP)
+    p = sub.add_parser(
+        "bench",
+        help=HELP,
+        description=HELP,
+        epilog=f"Here --max-new-tokens defaults to {DEFAULT_MAX_NEW_TOKENS} and sampling is "
+        "greedy unless --temperature > 0 (greedy runs check every output against transformers' "
+        "plain generate). The method and the columns: docs/benchmarks.md.",
+    )
     add_model_args(p)
     _add_draft_args(p)
     _add_prompt_args(p)
@@ -93,16 +100,21 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         "--draft-schedule",
         default="constant",
         choices=["constant", "heuristic"],
-        help="our k policy",
+        help="our draft model: constant k, or transformers' heuristic (+2 / -1)",
     )
     group.add_argument(
-        "--confidence-threshold", type=float, default=None, help="our draft model: early stop"
+        "--confidence-threshold",
+        type=float,
+        default=None,
+        help="our draft model: stop drafting below this probability",
     )
     group.add_argument(
         "--lookup-tokens", type=int, default=10, help="both prompt lookups: tokens per draft"
     )
     group.add_argument("--ngram-max", type=int, default=3, help="our prompt lookup: longest n-gram")
-    group.add_argument("--ngram-min", type=int, default=1, help="our prompt lookup: shortest")
+    group.add_argument(
+        "--ngram-min", type=int, default=1, help="our prompt lookup: shortest n-gram"
+    )
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
