@@ -1,4 +1,4 @@
-"""The logits processors match transformers' warpers exactly, and settings resolve as in generate."""
+"""The logits processors match transformers' warpers exactly; settings resolve as generate does."""
 
 from __future__ import annotations
 
