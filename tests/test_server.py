@@ -32,12 +32,19 @@ USER = [{"role": "user", "content": "Speculative decoding drafts tokens"}]
 
 
 # ----------------------------------------------------------------------------- fixtures
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Target and draft folders, built once per session and shared by the server test modules."""
+    root = tmp_path_factory.getbasetemp() / "server-tiny-models"
+    if not (root / "built").exists():
+        make_tiny_model(root / "target", "llama")
+        perturbed_copy(root / "target", root / "draft", scale=0.005)  # agrees often, not always
+        (root / "built").touch()
+    return root
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("server-models")
-    make_tiny_model(root / "target", "llama")
-    perturbed_copy(root / "target", root / "draft", scale=0.005)
-    return root
+    return tiny_models(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

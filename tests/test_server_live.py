@@ -58,6 +58,16 @@ class LiveServer:
         }
 
 
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Target and draft folders, built once per session and shared by the server test modules."""
+    root = tmp_path_factory.getbasetemp() / "server-tiny-models"
+    if not (root / "built").exists():
+        make_tiny_model(root / "target", "llama")
+        perturbed_copy(root / "target", root / "draft", scale=0.005)  # agrees often, not always
+        (root / "built").touch()
+    return root
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,13 +88,11 @@ def _wait_healthy(server: LiveServer, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("live-server")
-    make_tiny_model(root / "target", "llama")
-    perturbed_copy(root / "target", root / "draft", scale=0.005)
+    models, root = tiny_models(tmp_path_factory), tmp_path_factory.mktemp("live-server")
     port = _free_port()
     command = [
         sys.executable, "-m", "specdecode.cli.main", "serve",
-        "--target", str(root / "target"), "--draft", str(root / "draft"), "-k", "4",
+        "--target", str(models / "target"), "--draft", str(models / "draft"), "-k", "4",
         "--threads", "1", "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE), "--timeout", "60",
         "--log-level", "warning",

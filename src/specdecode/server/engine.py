@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specdecode.decoding import FinishEvent, GenerationResult, RoundEvent, SpeculativeGenerator
@@ -101,6 +101,44 @@ class JobEnd:
 
 JobUpdate = ChoiceUpdate | JobEnd
 Sink = Callable[[JobUpdate], None]
+
+
+@dataclass
+class _Progress:
+    """One choice's running counts, turning the loop's events into updates."""
+
+    index: int
+    tracker: SegmentTracker
+    start: float = field(default_factory=time.perf_counter)
+    passes: int = 0
+    tokens: int = 0
+
+    def round(self, event: RoundEvent) -> ChoiceUpdate:
+        self.passes += 1
+        self.tokens += len(event.token_ids)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return ChoiceUpdate(
+            index=self.index,
+            text=event.text,
+            token_ids=list(event.token_ids),
+            from_draft=list(event.from_draft),
+            pieces=self.tracker.push(event.token_ids, event.from_draft, event.text),
+            tau=self.tokens / self.passes,
+            tokens_per_second=self.tokens / elapsed,
+        )
+
+    def finish(self, event: FinishEvent) -> ChoiceUpdate:
+        stats = event.result.stats
+        return ChoiceUpdate(
+            index=self.index,
+            text=event.text,
+            token_ids=[],
+            from_draft=[],
+            pieces=self.tracker.finish(event.text),
+            tau=stats.tau,
+            tokens_per_second=stats.tokens_per_second,
+            result=event.result,
+        )
 
 
 class Job:
@@ -261,8 +299,7 @@ class Engine:
         """Stream one choice to the sink; False when it was stopped before its end."""
         if job.should_stop():
             return False
-        tracker = SegmentTracker(self.generator.target.tokenizer)
-        start, passes, tokens = time.perf_counter(), 0, 0
+        progress = _Progress(choice.index, SegmentTracker(self.generator.target.tokenizer))
         events = self.generator.stream(
             list(choice.prompt_ids),
             seed=choice.seed,
@@ -272,39 +309,15 @@ class Engine:
         for event in events:
             if isinstance(event, RoundEvent):
                 self._first_token(job)
-                passes, tokens = passes + 1, tokens + len(event.token_ids)
-                rate = tokens / max(time.perf_counter() - start, 1e-9)
-                pieces = tracker.push(event.token_ids, event.from_draft, event.text)
-                job.sink(
-                    ChoiceUpdate(
-                        choice.index,
-                        event.text,
-                        list(event.token_ids),
-                        list(event.from_draft),
-                        pieces,
-                        tokens / passes,
-                        rate,
-                    )
-                )
-            elif isinstance(event, FinishEvent):
-                return self._finish(job, choice, event, tracker)
+                job.sink(progress.round(event))
+                continue
+            result = event.result
+            self.metrics.generation(result.stats, result.finish_reason)
+            if result.finish_reason == "cancelled":
+                return False
+            job.sink(progress.finish(event))
+            return True
         return False  # pragma: no cover - the loop always ends with a FinishEvent
-
-    def _finish(
-        self, job: Job, choice: ChoiceSpec, event: FinishEvent, tracker: SegmentTracker
-    ) -> bool:
-        result = event.result
-        self.metrics.generation(result.stats, result.finish_reason)
-        if result.finish_reason == "cancelled":
-            return False
-        stats = result.stats
-        pieces = tracker.finish(event.text)
-        job.sink(
-            ChoiceUpdate(
-                choice.index, event.text, [], [], pieces, stats.tau, stats.tokens_per_second, result
-            )
-        )
-        return True
 
     def _first_token(self, job: Job) -> None:
         if not job.first_token_seen:

@@ -180,7 +180,7 @@ def _family(name: str, kind: str, text: str) -> list[str]:
 
 
 def _sample(name: str, value: float, **labels: object) -> str:
-    shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+    shown = f"{value:.10g}" if isinstance(value, float) else str(value)
     if not labels:
         return f"{PREFIX}{name} {shown}"
     inner = ",".join(f'{key}="{_escape(str(v))}"' for key, v in labels.items())

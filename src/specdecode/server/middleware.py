@@ -117,7 +117,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class HttpMetrics:
-    """Counts responses by method, route and status (unknown paths count as ``other``)."""
+    """Counts responses by method, route and status (unknown paths count as ``other``, so that
+    random URLs cannot grow the metrics without bound)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Collection[str]) -> None:
         self.app = app
@@ -139,5 +140,11 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, watch)
         finally:
-            route = scope["path"] if scope["path"] in self.routes else "other"
-            self.metrics.http_response(scope["method"], route, status)
+            self.metrics.http_response(scope["method"], self._route(scope), status)
+
+    def _route(self, scope: Scope) -> str:
+        """The matched route's template (``/v1/models/{model_id}``), else a known path."""
+        matched = getattr(scope.get("route"), "path", None)
+        if isinstance(matched, str):
+            return matched
+        return scope["path"] if scope["path"] in self.routes else "other"
