@@ -90,3 +90,53 @@ def test_draft_with_padded_embedding_matrix(tmp_path, tiny):
             assert result.token_ids == reference(target, PROMPTS[0])
         assert all(t < 320 for t in result.token_ids)
     assert torch.is_tensor(draft.model.get_input_embeddings().weight)
+
+
+MORE_ARCHS = {
+    "mistral": {},
+    "gemma2": {"head_dim": 16, "sliding_window": 8},  # sliding-window layers: HF's own cache
+    "gpt_neox": {},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "phi3": {},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHS))
+def test_greedy_identity_more_architectures(arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from specdecode.models import LoadedModel
+    from specdecode.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(320)
+    small = {
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+    config = AutoConfig.for_model(arch, **{**small, **MORE_ARCHS[arch]})
+    config.initializer_range = 0.2
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(AutoModelForCausalLM.from_config(config).eval())
+    with torch.no_grad():  # the draft: the target's weights plus noise
+        for p, d in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            d.copy_(p + 0.03 * torch.randn_like(p))
+    target, draft = (LoadedModel(m, tok, arch, torch.float32, torch.device("cpu")) for m in models)
+    prompt = PROMPTS[2]
+    enc = tok(prompt, return_tensors="pt")
+    ref = models[0].generate(**enc, do_sample=False, max_new_tokens=NEW, eos_token_id=None)
+    ref_ids = ref[0, enc["input_ids"].shape[1] :].tolist()
+    for drafter in (ModelDrafter(draft), PromptLookupDrafter()):
+        result = SpeculativeGenerator(target, drafter, 4).generate(
+            prompt, max_new_tokens=NEW, eos_token_id=[]
+        )
+        assert result.token_ids == ref_ids, (arch, drafter.name)
