@@ -14,6 +14,7 @@ from specdecode.cli.common import (
     build_drafter,
     build_schedule,
     load_target,
+    target_spec,
 )
 from specdecode.errors import InvalidSettingsError
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "listening on %s without an API key: anyone who can reach it may use it", args.host
         )
-    logger.info("serving %s as %r", args.target, settings.served_model_name)
+    logger.info("serving %s as %r", target.name, settings.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -98,7 +99,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 
     try:
         return ServerSettings(
-            served_model_name=args.served_model_name or default_model_name(args.target),
+            served_model_name=args.served_model_name or default_model_name(target_spec(args)),
             api_keys=api_keys(args.api_key, os.environ.get(API_KEY_ENV)),
             max_body_bytes=args.max_body_bytes,
             max_choices=args.max_choices,
@@ -109,7 +110,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 
 
 def default_model_name(target: str) -> str:
-    """The folder's or .gguf file's name for a path; a hub id as it is."""
+    """The folder's or .gguf file's name for a path; a registry name or hub id as it is."""
     path = Path(target).expanduser()
     if path.exists():
         return path.stem if path.is_file() else path.resolve().name
