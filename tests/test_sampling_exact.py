@@ -1,5 +1,8 @@
 """End to end: sampled tokens that pass through verification follow the target's own sampling
-distribution, computed independently with transformers' logits warpers (chi-square)."""
+distribution, computed independently with transformers' logits warpers (chi-square).
+
+This tests standard speculative sampling (the rejection rule); the seeded mode has its own tests
+in test_seeded_*.py."""
 
 from __future__ import annotations
 
@@ -93,7 +96,9 @@ def test_first_two_tokens_follow_target_distribution(tiny, cfg, drafter_kind):
     counts: Counter = Counter()
     drafted = 0  # the round producing token 2 drafts one token (k <= budget - 1)
     for seed in range(N):
-        result = generator.generate(ids, max_new_tokens=3, eos_token_id=[], seed=seed, **cfg)
+        result = generator.generate(
+            ids, max_new_tokens=3, eos_token_id=[], seed=seed, sampling_mode="rejection", **cfg
+        )
         counts[tuple(result.token_ids[:2])] += 1
         drafted += result.stats.drafted
     assert drafted > N // 4, "too few verification rounds to test anything"
