@@ -43,3 +43,15 @@ class RegistryUnreachableError(ModelPullError):
 
 class ChecksumMismatchError(ModelPullError):
     """An assembled model file's size or sha256 differs from the pinned one."""
+
+
+class SkipProfileError(SpecDecodeError, ValueError):
+    """A skip profile file is missing, unreadable or not a skip profile."""
+
+
+class ProfileMismatchError(SkipProfileError):
+    """A skip profile was made for another model (other layer count or config)."""
+
+
+class SearchError(SpecDecodeError):
+    """A skip-set search cannot start or continue (storage, study settings, missing extras)."""

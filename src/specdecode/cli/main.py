@@ -15,6 +15,7 @@ from specdecode.errors import SpecDecodeError
 # subcommand name -> module in specdecode.cli
 COMMANDS: dict[str, str] = {
     "generate": "specdecode.cli.generate",
+    "search": "specdecode.cli.search",
     "bench": "specdecode.cli.bench",
     "serve": "specdecode.cli.serve",
     "models": "specdecode.cli.models",

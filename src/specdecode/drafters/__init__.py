@@ -1,6 +1,7 @@
 """Drafters behind one small interface: a draft model, prompt lookup (and layer skipping)."""
 
 from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
+from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter, find_continuation
 from specdecode.drafters.schedule import DraftLength, FixedLength, HeuristicLength, make_schedule
@@ -8,10 +9,12 @@ from specdecode.drafters.schedule import DraftLength, FixedLength, HeuristicLeng
 __all__ = [
     "EMPTY_DRAFT",
     "Draft",
+    "DraftExit",
     "DraftLength",
     "Drafter",
     "FixedLength",
     "HeuristicLength",
+    "LayerSkipDrafter",
     "ModelDrafter",
     "PromptLookupDrafter",
     "find_continuation",
