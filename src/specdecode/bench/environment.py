@@ -63,18 +63,23 @@ def _version(name: str) -> str | None:
 
 
 def _git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """The checkout's commit, and whether tracked files differ from it (None: unknown).
+
+    ``--no-optional-locks`` keeps ``git status`` off the index lock, so that a commit made at
+    the same moment (several people share a checkout) neither blocks nor fails the reading.
+    """
+    commit = _git(folder, "rev-parse", "HEAD")
+    status = _git(folder, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    return commit, None if status is None else bool(status)
+
+
+def _git(folder: Path, *args: str) -> str | None:
     try:
-        commit = _git(folder, "rev-parse", "HEAD")
-        dirty = bool(_git(folder, "status", "--porcelain", "--untracked-files=no"))
+        done = subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        )
     except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, dirty
-
-
-def _git(folder: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
-    )
+        return None
     return done.stdout.strip()
 
 

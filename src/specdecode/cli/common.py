@@ -85,6 +85,14 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=None, help="CTRL penalty, > 0")
     group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     group.add_argument(
+        "--sampling-mode",
+        default="auto",
+        choices=["auto", "seeded", "rejection"],
+        help="seeded: the same seed gives the same text with any drafter and draft length; "
+        "rejection: standard speculative sampling (more drafts accepted); auto (default): "
+        "seeded when --seed is given, rejection otherwise",
+    )
+    group.add_argument(
         "--stop", action="append", default=None, help="stop string (repeatable); not in the text"
     )
 
@@ -100,6 +108,12 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
         "stop_strings": args.stop,
+        # generate always passes a seed (drawn when --seed is absent): resolve auto here
+        "sampling_mode": (
+            ("seeded" if args.seed is not None else "rejection")
+            if args.sampling_mode == "auto"
+            else args.sampling_mode
+        ),
     }
 
 

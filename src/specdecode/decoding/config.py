@@ -4,7 +4,7 @@ transformers' defaults, exactly in ``generate``'s order of priority."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel
@@ -13,6 +13,30 @@ from specdecode.sampling import SamplingSettings, resolve_sampling
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the user nor the model's generation config says
 
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+# How sampled tokens are verified (greedy decoding ignores it); see docs/seeded-sampling.md.
+# "seeded": the output is a function of the seed alone, whatever the drafter (Gumbel matching);
+# "rejection": standard speculative sampling (Leviathan et al.), the higher acceptance rate.
+SamplingMode = Literal["seeded", "rejection"]
+SAMPLING_MODES = ("auto", "seeded", "rejection")  # auto: seeded when a seed is given
+
+
+def resolve_sampling_mode(asked: str | None, seed_given: bool) -> SamplingMode:
+    """``auto`` (or None) is ``seeded`` when the caller gave a seed, else ``rejection``.
+
+    A seed asks for reproducible output, and only the seeded mode makes it independent of the
+    drafter and draft length; without one there is nothing to reproduce, so the rule with the
+    higher acceptance rate (optimal coupling) is used.
+    """
+    if asked in (None, "auto"):
+        return "seeded" if seed_given else "rejection"
+    if asked == "seeded":
+        return "seeded"
+    if asked == "rejection":
+        return "rejection"
+    raise InvalidSettingsError(
+        f"unknown sampling mode {asked!r}: choose one of {', '.join(SAMPLING_MODES)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -23,6 +47,7 @@ class GenerationRequest:
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     stop_strings: tuple[str, ...]
+    sampling_mode: SamplingMode = "rejection"  # how sampled drafts are verified (not greedy)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -30,6 +55,7 @@ class GenerationRequest:
             "max_new_tokens": self.max_new_tokens,
             "eos_token_ids": sorted(self.eos_token_ids),
             "stop_strings": list(self.stop_strings),
+            **({"sampling_mode": self.sampling_mode} if self.sampling.do_sample else {}),
         }
 
 
@@ -42,12 +68,14 @@ def resolve_request(
     eos_token_id: int | list[int] | None = None,
     stop_strings: str | list[str] | None = None,
     stop: str | list[str] | None = None,
+    sampling_mode: SamplingMode = "rejection",
     **sampling_kwargs: Any,
 ) -> GenerationRequest:
     """Merge arguments as transformers' ``generate`` does.
 
     A ``generation_config`` (transformers ``GenerationConfig``) counts as user arguments; explicit
-    keyword arguments override it.
+    keyword arguments override it. ``sampling_mode`` is recorded as given (already resolved, see
+    :func:`resolve_sampling_mode`).
     """
     unknown = set(sampling_kwargs) - set(_SAMPLING_KEYS)
     if unknown:
@@ -77,6 +105,7 @@ def resolve_request(
         max_new_tokens=_max_new_tokens(target, prompt_length, user.get("max_new_tokens"), model_config),
         eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config),
         stop_strings=_stop_strings(user.get("stop_strings")),
+        sampling_mode=resolve_sampling_mode(sampling_mode, seed_given=False),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from specdecode.decoding.config import GenerationRequest, resolve_request
+from specdecode.decoding.config import GenerationRequest, resolve_request, resolve_sampling_mode
 from specdecode.decoding.events import (
     FinishEvent,
     FinishReason,
@@ -30,8 +30,8 @@ from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedL
 from specdecode.errors import PromptError
 from specdecode.models import LoadedModel, ModelSession
 from specdecode.models.timing import synchronize
-from specdecode.sampling import TokenSampler, greedy, to_probs
-from specdecode.verify import Verdict, greedy_verify, speculative_sample
+from specdecode.sampling import SeededSampler, TokenSampler, greedy, to_probs
+from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative_sample
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -110,6 +110,7 @@ class SpeculativeGenerator:
         chat: bool = False,
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        sampling_mode: str | None = None,
         **generation_kwargs: Any,
     ) -> Iterator[GenerationEvent]:
         """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
@@ -119,13 +120,20 @@ class SpeculativeGenerator:
         ``eos_token_id``, ``stop_strings`` (or ``stop``), ``generation_config``. Unset ones come
         from the model's generation config, then transformers' defaults. ``should_stop`` is
         polled between rounds (a disconnected client, a timeout).
+
+        ``sampling_mode`` (when sampling): ``"seeded"`` makes the output a function of the seed,
+        prompt, settings and target alone, whatever the drafter and draft length;
+        ``"rejection"`` is standard speculative sampling (higher acceptance); ``"auto"`` or None
+        (the default) is seeded when ``seed`` is given, rejection otherwise.
         """
         prompt_ids = self.encode(prompt, chat=chat)
-        request = resolve_request(self.target, len(prompt_ids), **generation_kwargs)
+        mode = resolve_sampling_mode(sampling_mode, seed_given=seed is not None)
+        request = resolve_request(
+            self.target, len(prompt_ids), sampling_mode=mode, **generation_kwargs
+        )
         if seed is None:
             seed = secrets.randbits(63)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        sampler = TokenSampler(request.sampling, generator)
+        sampler = make_sampler(request, seed, len(prompt_ids))
         yield from self._decode(prompt_ids, request, sampler, seed, should_stop)
 
     # ----------------------------------------------------------------------------- the loop
@@ -210,6 +218,8 @@ class SpeculativeGenerator:
         tokens = torch.tensor(draft.tokens, dtype=torch.long, device=scores.device)
         if sampler.greedy:
             verdict = greedy_verify(tokens, greedy(scores))
+        elif isinstance(sampler, SeededSampler):
+            verdict = seeded_verify(tokens, scores, sampler.seed, sampler.position(len(ids)))
         else:
             verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
         self.session.truncate(len(ids) + verdict.num_accepted)
@@ -254,6 +264,15 @@ class SpeculativeGenerator:
             target_seconds=target_seconds,
         )
         return event, finish
+
+
+def make_sampler(request: GenerationRequest, seed: int, prompt_length: int) -> TokenSampler:
+    """The sampler for ``request``: seeded (counter-based noise) when sampling in seeded mode,
+    otherwise one drawing from a ``torch.Generator`` seeded with ``seed``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if request.sampling.do_sample and request.sampling_mode == "seeded":
+        return SeededSampler(request.sampling, generator, seed=seed, prompt_length=prompt_length)
+    return TokenSampler(request.sampling, generator)
 
 
 def _as_id_list(encoded: Any) -> list[int]:

@@ -1,5 +1,6 @@
 """Pure sampling core: settings, logits processors and samplers. Imports no model code."""
 
+from specdecode.sampling.gumbel import gumbel_argmax, gumbel_noise
 from specdecode.sampling.processors import (
     apply_min_p,
     apply_repetition_penalty,
@@ -10,18 +11,22 @@ from specdecode.sampling.processors import (
 )
 from specdecode.sampling.sample import greedy, sample, to_probs
 from specdecode.sampling.sampler import Choice, TokenSampler
+from specdecode.sampling.seeded import SeededSampler
 from specdecode.sampling.settings import SamplingSettings, resolve_sampling
 
 __all__ = [
     "Choice",
-    "TokenSampler",
     "SamplingSettings",
+    "SeededSampler",
+    "TokenSampler",
     "apply_min_p",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
     "greedy",
+    "gumbel_argmax",
+    "gumbel_noise",
     "process_logits",
     "resolve_sampling",
     "sample",
