@@ -132,6 +132,9 @@ def test_sparse_and_dense_paths_agree(monkeypatch):
     monkeypatch.setattr(gm, "_SPARSE_BELOW", 0)
     assert torch.equal(gumbel_argmax(scores, 9, torch.arange(5)), sparse)
     assert int(sparse[2]) < 5 and all(int(t) < 40 for t in sparse)
+    scores[3] = float("-inf")
+    with pytest.raises(ValueError, match="no finite"):
+        gumbel_argmax(scores, 9, torch.arange(5))
 
 
 def _tv(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -106,7 +106,10 @@ def gumbel_argmax(scores: torch.Tensor, seed: int, positions: torch.Tensor) -> t
     work = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
     scores = scores.to(work)
     positions = positions.to(work)[:, None]  # (N, 1)
-    allowed = int(torch.isfinite(scores).sum(dim=-1).max())
+    finite = torch.isfinite(scores).sum(dim=-1)  # (N,)
+    if int(finite.min()) == 0:
+        raise ValueError("a row of scores has no finite entry: there is no token to sample")
+    allowed = int(finite.max())
     if allowed * _SPARSE_BELOW < scores.shape[-1]:
         # Few tokens survive (top-k, top-p, min-p): noise only for each row's finite candidates.
         # The top `allowed` scores of a row hold all its finite ones; the rest stay -inf.
