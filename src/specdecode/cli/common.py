@@ -39,6 +39,11 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--prompt-lookup", action="store_true", help="draft by n-gram lookup in prompt and output"
     )
+    which.add_argument(
+        "--skip-profile",
+        help="self-speculation: draft with the target itself, skipping the sublayers of this "
+        "profile (from `specdecode search`), with its draft exit; k is still -k",
+    )
     group.add_argument(
         "--draft-dtype",
         default=None,
@@ -136,6 +141,10 @@ def load_target(args: argparse.Namespace) -> LoadedModel:
 
 
 def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
+    if getattr(args, "skip_profile", None):
+        from specdecode.search.profile import drafter_from_profile
+
+        return drafter_from_profile(args.skip_profile, target)
     draft_name = draft_spec(args)
     if draft_name:
         draft = load_model(

@@ -219,7 +219,7 @@ def _search(
     study = st.open_study(storage, name, settings, fingerprint, resume=args.resume)
     extra = [load_profile(path).skip for path in args.warm_start]
     st.enqueue_warm_starts(study, space, extra, builtin=settings.warm_start)
-    context = max(prompts, key=len)
+    context = typical_prompt(prompts)
     k = settings.draft.max_draft_tokens
     cost = st.cost_model_of(study, lambda: calibrate(target, context, k))
     objective = st.SkipObjective(target, prompts, space, settings, cost)
@@ -332,7 +332,7 @@ def _compare(
         "every other layer": space.every_other_layer(),
     }
     draft = profile.draft
-    cost = calibrate(target, max(prompts, key=len), draft.max_draft_tokens)
+    cost = calibrate(target, typical_prompt(prompts), draft.max_draft_tokens)
     rows = compare_skip_sets(
         target, named, prompts, args.max_new_tokens, draft, cost, repeats=args.repeats
     )
@@ -367,6 +367,11 @@ def _table(rows: list[Any]) -> str:
             f"{r.tokens_per_second:.2f} | {r.speedup:.2f}x | {fmt(r.modelled_speedup)} |"
         )
     return "\n".join(lines)
+
+
+def typical_prompt(prompts: list[list[int]]) -> list[int]:
+    """The prompt of median length: the context the cost model is timed at."""
+    return sorted(prompts, key=len)[len(prompts) // 2]
 
 
 def default_study_name(target: LoadedModel, objective: str) -> str:
