@@ -23,7 +23,13 @@ from specdecode.bench import (
     standard_modes,
     write_report,
 )
-from specdecode.bench.catalog import MODE_NAMES, OURS_DRAFT, OURS_PLAIN, select_modes
+from specdecode.bench.catalog import (
+    MODE_NAMES,
+    NEEDS_SKIP,
+    OURS_DRAFT,
+    OURS_PLAIN,
+    select_modes,
+)
 from specdecode.bench.modes import TransformersMode, assistant_settings
 from specdecode.bench.runner import first_difference
 from specdecode.bench.stats import ALL, merge_stats
@@ -222,7 +228,7 @@ def test_bench_cli_writes_every_file_with_every_field(folders, tmp_path, capsys)
         assert re.fullmatch("[0-9a-f]{40}", env["git_commit"]) and env["git_dirty"] is not None
     assert env["libraries"]["torch"] and env["libraries"]["transformers"]
     assert data["settings"]["dtype"] == "float32" and data["settings"]["threads"] >= 1
-    assert set(data["modes"]) == {m for m in MODE_NAMES if m != "ours-layer-skip"}
+    assert set(data["modes"]) == {m for m in MODE_NAMES if m not in NEEDS_SKIP}
     assert data["modes"]["hf-assisted"]["num_assistant_tokens"] == 20  # transformers' default
     assert data["modes"]["hf-assisted-k5-heuristic"]["num_assistant_tokens_schedule"] == "heuristic"
 

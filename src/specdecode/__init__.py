@@ -32,6 +32,7 @@ from specdecode.errors import (
     SpecDecodeError,
     VocabularyMismatchError,
 )
+from specdecode.integrations import skip_assistant
 from specdecode.models import LoadedModel, check_same_vocabulary, load_model
 from specdecode.sampling import SamplingSettings
 
@@ -59,4 +60,5 @@ __all__ = [
     "__version__",
     "check_same_vocabulary",
     "load_model",
+    "skip_assistant",
 ]

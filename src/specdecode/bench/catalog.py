@@ -19,6 +19,7 @@ OURS_PLAIN = "ours-plain"
 OURS_DRAFT = "ours-draft"
 OURS_LOOKUP = "ours-prompt-lookup"
 OURS_LAYER_SKIP = "ours-layer-skip"
+HF_LAYER_SKIP = "hf-layer-skip"  # transformers' loop, assistant_model=specdecode.skip_assistant
 
 MODE_NAMES = (
     REFERENCE,
@@ -29,9 +30,10 @@ MODE_NAMES = (
     OURS_DRAFT,
     OURS_LOOKUP,
     OURS_LAYER_SKIP,
+    HF_LAYER_SKIP,
 )
 NEEDS_DRAFT = frozenset({HF_ASSISTED, HF_ASSISTED_K5, OURS_DRAFT})
-NEEDS_SKIP = frozenset({OURS_LAYER_SKIP})
+NEEDS_SKIP = frozenset({OURS_LAYER_SKIP, HF_LAYER_SKIP})
 
 T = TypeVar("T")
 
@@ -123,6 +125,7 @@ def standard_modes(
             OURS_LAYER_SKIP,
             SpeculativeGenerator(target, _need(layer_skip), config.layer_skip_k or config.k),
         ),
+        HF_LAYER_SKIP: lambda: _hf_layer_skip(target, _need(layer_skip), config),
     }
     return [builders[name]() for name in names]
 
@@ -152,3 +155,23 @@ def _ours_draft(
     drafter = ModelDrafter(draft, confidence_threshold=config.confidence_threshold)
     generator = SpeculativeGenerator(target, drafter, make_schedule(config.schedule, config.k))
     return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
+
+
+def _hf_layer_skip(target: LoadedModel, drafter: Drafter, config: ModeConfig) -> TransformersMode:
+    """transformers' assisted loop drafting with the same skip set, k and (fixed) threshold."""
+    from specdecode.drafters.layerskip import LayerSkipDrafter
+    from specdecode.integrations.transformers import layer_skip_assistant
+
+    if not isinstance(drafter, LayerSkipDrafter):
+        raise InvalidSettingsError(f"{HF_LAYER_SKIP} needs a layer-skip profile (--skip-profile)")
+    threshold = drafter.exit.threshold
+    settings = {
+        "num_assistant_tokens": config.layer_skip_k or config.k,
+        "num_assistant_tokens_schedule": "constant",
+        "assistant_confidence_threshold": 0.0 if threshold is None else threshold,
+    }
+    view = layer_skip_assistant(target.model, drafter.skip, **settings)
+    assistant = LoadedModel(
+        view, target.tokenizer, f"{target.name} (layer skip)", target.dtype, target.device
+    )
+    return TransformersMode(HF_LAYER_SKIP, target, assistant=assistant)

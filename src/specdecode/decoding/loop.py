@@ -8,6 +8,7 @@ own; rejected positions are rolled out of the target's KV cache. The loop yields
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import secrets
 import time
@@ -26,6 +27,7 @@ from specdecode.decoding.events import (
     RoundEvent,
 )
 from specdecode.decoding.text import TextStream
+from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
 from specdecode.errors import PromptError
 from specdecode.models import LoadedModel, ModelSession
@@ -96,7 +98,7 @@ class SpeculativeGenerator:
         return ids
 
     # ----------------------------------------------------------------------------- public API
-    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: Any = None, **kwargs: Any) -> GenerationResult:
         """Generate to the end and return the result (see :meth:`stream` for arguments)."""
         for event in self.stream(prompt, **kwargs):
             if isinstance(event, FinishEvent):
@@ -105,7 +107,7 @@ class SpeculativeGenerator:
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Any = None,
         *,
         chat: bool = False,
         seed: int | None = None,
@@ -121,20 +123,35 @@ class SpeculativeGenerator:
         from the model's generation config, then transformers' defaults. ``should_stop`` is
         polled between rounds (a disconnected client, a timeout).
 
+        The prompt may also be given as transformers takes it (``input_ids=``, with
+        ``attention_mask=``, or a ``BatchEncoding``), and transformers' assisted-generation
+        settings apply to this call (see :mod:`specdecode.decoding.transformers_args`).
+
         ``sampling_mode`` (when sampling): ``"seeded"`` makes the output a function of the seed,
         prompt, settings and target alone, whatever the drafter and draft length;
         ``"rejection"`` is standard speculative sampling (higher acceptance); ``"auto"`` or None
         (the default) is seeded when ``seed`` is given, rejection otherwise.
         """
-        prompt_ids = self.encode(prompt, chat=chat)
+        call = split_call(prompt, generation_kwargs)
+        prompt_ids = self.encode(call.prompt, chat=chat)
         mode = resolve_sampling_mode(sampling_mode, seed_given=seed is not None)
         request = resolve_request(
-            self.target, len(prompt_ids), sampling_mode=mode, **generation_kwargs
+            self.target, len(prompt_ids), sampling_mode=mode, **call.request_kwargs(len(prompt_ids))
         )
         if seed is None:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
-        yield from self._decode(prompt_ids, request, sampler, seed, should_stop)
+        runner = self._for_call(call.drafting)
+        yield from runner._decode(prompt_ids, request, sampler, seed, should_stop)
+
+    def _for_call(self, drafting: DraftingOverrides) -> SpeculativeGenerator:
+        """This generator, or a shallow copy (same target session) drafting as the call asks."""
+        if drafting.empty:
+            return self
+        runner = copy.copy(self)
+        runner.drafter, runner.schedule = drafting.apply(self.drafter, self.schedule)
+        runner.drafter.bind(runner.session)
+        return runner
 
     # ----------------------------------------------------------------------------- the loop
     def _decode(
