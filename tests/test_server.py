@@ -238,6 +238,23 @@ def test_sampling_with_a_seed_repeats(app: Any) -> None:
     assert texts == [c["message"]["content"] for c in second["choices"]]
 
 
+def test_a_seed_gives_the_same_text_whatever_the_servers_drafter(
+    app: Any, generator: SpeculativeGenerator
+) -> None:
+    """A seeded request is decoded in the seeded mode: the drafter cannot change the text."""
+    body = chat_body(temperature=0.9, top_k=30, seed=5, max_tokens=24)
+    with_draft = post(app, "/v1/chat/completions", body).json()
+    plain = SpeculativeGenerator(generator.target, None)
+    other = Engine(plain, max_queue=2, timeout=60)
+    try:
+        plain_app = create_app(other, ServerSettings(served_model_name=MODEL))
+        without = post(plain_app, "/v1/chat/completions", body).json()
+    finally:
+        other.close()
+    assert with_draft["choices"][0]["message"] == without["choices"][0]["message"]
+    assert with_draft["specdecode"]["stats"]["drafted"] > 0
+
+
 def test_unknown_fields_and_content_parts_are_accepted(app: Any) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": USER[0]["content"]}]}]
     body = chat_body(messages=parts, logit_bias={}, user="someone", frequency_penalty=0)

@@ -48,10 +48,14 @@ class GenerationOptions:
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
+    # a client's seed asks for reproducible text: the seeded mode makes it independent of the
+    # server's drafter; without one, the rejection rule accepts more drafts
+    seeded: bool = False
 
     def loop_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`SpeculativeGenerator.stream`."""
         return {
+            "sampling_mode": "seeded" if self.seeded else "rejection",
             "temperature": self.temperature,
             "max_new_tokens": self.max_new_tokens,
             "top_p": self.top_p,

@@ -139,6 +139,7 @@ class RequestPlanner:
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            seeded=body.seed is not None,
         )
 
     def _check_options(self, options: GenerationOptions, prompt_length: int) -> None:
