@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
-from specdecode.drafters.schedule import DraftLength
+from specdecode.drafters.schedule import SCHEDULES, DraftLength
 from specdecode.models import LoadedModel, check_same_vocabulary, load_model
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -47,8 +47,9 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-dtype",
         default=None,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="draft model precision (default: same as --dtype); never changes the output",
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+        help="draft model precision (default: same as --dtype; int8: dynamic quantization of "
+        "its Linear layers, CPU); never changes the output, only speed and acceptance",
     )
     group.add_argument(
         "-k", "--num-draft-tokens", type=int, default=5, help="tokens drafted per round (initial k)"
@@ -56,8 +57,10 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-schedule",
         default="constant",
-        choices=["constant", "heuristic"],
-        help="constant k, or transformers' heuristic (+2 after a full accept, -1 otherwise)",
+        choices=list(SCHEDULES),
+        help="constant k, transformers' heuristic (+2 after a full accept, -1 otherwise), or "
+        "auto: the k the measured costs and acceptance say pays best, none where nothing pays "
+        "(measures the target's pass costs at the first generation; docs/speed.md)",
     )
     group.add_argument(
         "--confidence-threshold",

@@ -31,6 +31,7 @@ from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
 from specdecode.errors import PromptError
 from specdecode.models import LoadedModel, ModelSession
+from specdecode.models.costs import PassCosts, can_pad, measure_pass_costs
 from specdecode.models.timing import synchronize
 from specdecode.sampling import SeededSampler, TokenSampler, greedy, to_probs
 from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative_sample
@@ -51,6 +52,12 @@ class SpeculativeGenerator:
         target: the model whose output distribution is kept exactly.
         drafter: proposes tokens (None: plain decoding on the same code path).
         draft_length: tokens drafted per round: an int for a constant k, or a policy.
+        pass_costs: the target's pass costs by size (:mod:`specdecode.models.costs`); when None,
+            they are measured at the first generation with a drafter if padding is on or the
+            policy needs them (``auto``).
+        pad_passes: with pass costs at hand, pad each verification pass with filler tokens up
+            to the cheapest size (never changes the output: attention is causal and the
+            filler is rolled back with the rejected drafts).
     """
 
     def __init__(
@@ -58,11 +65,19 @@ class SpeculativeGenerator:
         target: LoadedModel,
         drafter: Drafter | None = None,
         draft_length: DraftLength | int = 5,
+        *,
+        pass_costs: PassCosts | None = None,
+        pad_passes: bool = True,
     ) -> None:
         self.target = target
         self.drafter = drafter
         self.schedule = FixedLength(draft_length) if isinstance(draft_length, int) else draft_length
         self.session = ModelSession(target.model)
+        self.pass_costs = pass_costs
+        self.pad_passes = pad_passes
+        self.last_pass_size = 0  # tokens fed in the latest target pass, filler included
+        if pass_costs is not None:
+            self.schedule.use_costs(pass_costs, pad_passes)
         if drafter is not None:
             drafter.bind(self.session)
 
@@ -166,6 +181,9 @@ class SpeculativeGenerator:
         text = TextStream(self.target.tokenizer, request.stop_strings)
         ids = list(prompt_ids)
         new: list[int] = []
+        wants_costs = self.pad_passes or self.schedule.needs_costs
+        if self.drafter is not None and self.pass_costs is None and wants_costs:
+            self._calibrate(ids)
         self.session.reset()
         self.schedule.reset()
         if self.drafter is not None:
@@ -197,6 +215,9 @@ class SpeculativeGenerator:
             synchronize(self.session.device)
             target_seconds = time.perf_counter() - tick
             stats.record_round(len(draft), verdict.num_accepted)
+            self.schedule.observe_time(
+                len(draft), draft.seconds, self.last_pass_size, target_seconds
+            )
             stats.draft_seconds += draft.seconds
             stats.target_seconds += target_seconds
             proposal = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
@@ -227,10 +248,19 @@ class SpeculativeGenerator:
         return draft
 
     def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
-        """One target pass over the pending token and the draft; roll back what is rejected."""
+        """One target pass over the pending token and the draft; roll back what is rejected.
+
+        The pass may be padded with filler (copies of the last token) up to a cheaper size: the
+        filler comes after every real position, so causal attention keeps it from changing
+        their logits; it is rolled back with the rejected drafts.
+        """
         k = len(draft)
+        pending = len(ids) - self.session.length
         feed = ids[self.session.length :] + draft.tokens
-        logits = self.session.forward(feed, k + 1)  # (k + 1, V)
+        size = self._pass_size(len(feed)) if k else len(feed)
+        feed += feed[-1:] * (size - len(feed))
+        self.last_pass_size = size
+        logits = self.session.forward(feed, size - pending + 1)[: k + 1]  # (k + 1, V)
         scores = sampler.scores(logits, ids + draft.tokens, len(ids))
         tokens = torch.tensor(draft.tokens, dtype=torch.long, device=scores.device)
         if sampler.greedy:
@@ -244,6 +274,23 @@ class SpeculativeGenerator:
         if self.drafter is not None:
             self.drafter.observe(verdict)
         return verdict
+
+    def _calibrate(self, context: list[int]) -> None:
+        """Measure the target's pass costs once per generator, at the first prompt's length
+        (about 40 target steps). Only where passes can be rolled back exactly (see
+        :func:`can_pad`); elsewhere the policy keeps its initial k and nothing is padded."""
+        self.session.reset()
+        if can_pad(self.session.cache):
+            self.pass_costs = measure_pass_costs(self.session, context)
+            self.schedule.use_costs(self.pass_costs, self.pad_passes)
+
+    def _pass_size(self, n: int) -> int:
+        """The cheapest pass size holding ``n`` tokens that fits the context (n: no padding)."""
+        if not self.pad_passes or self.pass_costs is None or not can_pad(self.session.cache):
+            return n
+        limit = self.target.max_context
+        room = None if limit is None else limit - self.session.length
+        return self.pass_costs.padded_size(n, room)
 
     def _accept(
         self,
