@@ -131,19 +131,36 @@ def test_baselines_have_the_asked_make_up():
 
 # ----------------------------------------------------------------------------------- cost
 def test_cost_model_arithmetic():
-    cost = CostModel(attention=0.02, mlp=0.01, verify=1.5, step_seconds=0.1, context=10, k=4)
+    cost = CostModel(attention=0.02, mlp=0.01, verify=(1.0, 2.0, 1.5), step_seconds=0.1, context=10)
     skip = SkipSet.of(range(10), range(20))
     assert cost.draft_cost(skip) == pytest.approx(1 - 0.2 - 0.2)
-    # 30 tokens in 10 rounds drafting 40: 30 / (10 * 1.5 + 40 * 0.6)
-    assert cost.speedup(30, 10, 40, skip) == pytest.approx(30 / 39)
-    assert CostModel.from_dict(cost.to_dict()) == cost
+    assert cost.verify_cost(3) == cost.verify_cost(9) == 1.5
+    # 30 tokens from 2 rounds drafting nothing, 4 drafting one, 6 drafting four:
+    # 2 * v(1) + 4 * v(2) + 6 * v(5) + (4 + 24) * c
+    expected = 30 / (2 * 1.0 + 4 * 2.0 + 6 * 1.5 + 28 * 0.6)
+    assert cost.speedup(30, {0: 2, 1: 4, 4: 6}, skip) == pytest.approx(expected)
+    assert CostModel.from_dict(json.loads(json.dumps(cost.to_dict()))) == cost
+
+
+def test_rounds_by_draft_from_generation_stats():
+    from specdecode.decoding import GenerationStats
+    from specdecode.search.evaluate import Evaluation
+
+    totals = Evaluation()
+    for drafts in ([3, 1, 0], [2, 2]):
+        stats = GenerationStats()
+        for d in drafts:
+            stats.record_round(d, 0)
+        totals.add(stats)
+    assert totals.rounds_by_draft == {0: 1, 1: 1, 2: 2, 3: 1}
+    assert totals.drafted == sum(d * n for d, n in totals.rounds_by_draft.items())
 
 
 def test_calibration_measures_sane_costs(target):
     cost = calibrate(target, list(range(5, 60)), k=4, repeats=3)
-    assert cost.verify >= 1.0
+    assert len(cost.verify) == 5 and cost.verify[0] == 1.0 and min(cost.verify) >= 1.0
     assert 0 <= cost.attention * LAYERS <= 1 and 0 <= cost.mlp * LAYERS <= 1
-    assert cost.step_seconds > 0 and cost.k == 4
+    assert cost.step_seconds > 0 and cost.context == 55
 
 
 # ----------------------------------------------------------------------------------- profiles
@@ -213,6 +230,8 @@ def search_command(tiny6, prompt_file, db: Path, name: str, trials: int, *extra:
         str(tiny6),
         "--prompts",
         str(prompt_file),
+        "--limit",
+        "2",
         "--max-new-tokens",
         "12",
         "--trials",
@@ -280,3 +299,47 @@ def test_killed_search_resumes_without_losing_trials(tmp_path, tiny6, prompt_fil
     assert profile.model.num_layers == LAYERS and profile.measured is not None
     assert out.with_name("best-history.png").stat().st_size > 0
     assert out.with_name("best-skips.png").stat().st_size > 0
+
+
+def test_search_in_process_with_the_gp_sampler_and_plots(tmp_path, target):
+    from specdecode.search import study as st
+    from specdecode.search.plots import plot_history, plot_skip_frequency
+
+    prompts = [target.tokenizer(r["turns"][0])["input_ids"] for r in SPEC_BENCH_ROWS[:2]]
+    space = SearchSpace(target.num_layers)
+    settings = st.SearchSettings(sampler="gp", trials=4, max_new_tokens=8, heartbeat=5)
+    storage = st.make_storage(f"sqlite:///{tmp_path / 'gp.db'}", settings.heartbeat)
+    fingerprint = st.fingerprint(target, prompts, space, settings)
+    study = st.open_study(storage, "gp", settings, fingerprint)
+    assert st.enqueue_warm_starts(study, space) == len(space.warm_starts()) > 0
+    assert st.enqueue_warm_starts(study, space) == 0  # only into a fresh study
+    cost = st.cost_model_of(study, lambda: calibrate(target, prompts[0], k=8, repeats=2))
+    assert st.cost_model_of(study, lambda: pytest.fail("measured twice")) == cost
+    seen = []
+    objective = st.SkipObjective(target, prompts, space, settings, cost)
+    assert st.run_search(study, objective, settings, on_trial=seen.append) == 4
+    assert [p.finished for p in seen] == [1, 2, 3, 4]
+    best = st.best_trial(study)
+    assert best.value == max(p.best_value for p in seen)
+    metrics = best.user_attrs["metrics"]
+    assert metrics["c_model"] == pytest.approx(cost.draft_cost(skip_of_params(best.params)))
+    plot_history(study.trials, "modelled", tmp_path / "h.png")
+    assert plot_skip_frequency(study.trials, LAYERS, tmp_path / "s.png") >= 1
+    assert (tmp_path / "h.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_compare_mode_prints_the_three_baselines(tmp_path, target, tiny6, prompt_file, capsys):
+    from specdecode.cli.main import main
+
+    profile = SkipProfile(ModelIdentity.of(target), (2, 4), (3,), DraftSettings(max_draft_tokens=4))
+    profile.save(tmp_path / "p.json")
+    out = tmp_path / "compare.json"
+    args = ["search", "--target", str(tiny6), "--prompts", str(prompt_file), "--limit", "2"]
+    args += ["--max-new-tokens", "8", "--compare", str(tmp_path / "p.json"), "--out", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for name in ("no speculation", "searched profile", "random, same make-up", "every other layer"):
+        assert f"| {name} |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert (len(rows[2]["skip_attention"]), len(rows[2]["skip_mlp"])) == (2, 1)
+    assert rows[0]["speedup"] == 1.0 and all(r["tokens_per_second"] > 0 for r in rows)

@@ -3,21 +3,25 @@
 On a memory-bound device a decoding step costs roughly the weights it reads, so the cost of a
 layer-skipped step is linear in the sublayers skipped. :func:`calibrate` times a full
 single-token step, the same step with every attention sublayer skipped and with every MLP
-sublayer skipped (medians of several runs), and a (k+1)-token verification pass. From that:
+sublayer skipped, and target passes over 2 to k+1 tokens (medians of several runs). From that:
 
 - ``c(skip) = 1 - a * |skipped attention| - m * |skipped MLP|``, the draft step's cost relative
   to a full step, ``a`` and ``m`` the measured cost shares of one attention / MLP sublayer;
-- ``v``, the verification pass's cost relative to a single-token step (on CPUs well above 1).
+- ``v(n)``, the cost of a verification pass over n tokens relative to a one-token step (on a CPU
+  far from 1, and not monotonic in n: see ``../shared/MODELS.md``).
 
-The modelled speedup of a run is then the tokens it decoded after the prefill over what they
-cost in target steps: ``tokens / (rounds * v + drafted * c)`` (plain decoding costs 1 per
-token). With greedy decoding the counts are deterministic, so this objective has no timing noise.
+The modelled speedup of a run is the tokens it decoded after the prefill over what they cost in
+target steps, ``tokens / (sum over rounds of v(d + 1) + drafted * c)`` for rounds drafting d
+tokens (plain decoding costs 1 per token). With greedy decoding the counts are deterministic, so
+this objective has no timing noise; it leaves out the loop's own overhead (sampling, bookkeeping),
+which the final timed comparison includes.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,19 +38,25 @@ class CostModel:
 
     attention: float  # cost share of one attention sublayer
     mlp: float  # cost share of one MLP sublayer
-    verify: float  # a (k+1)-token pass over a 1-token step
+    verify: tuple[float, ...]  # verify[n - 1]: a pass over n tokens, n = 1 .. k + 1 (v(1) = 1)
     step_seconds: float  # a full single-token step with ``context`` tokens cached
     context: int  # cached tokens when timed
-    k: int  # draft length the verification pass was timed with
 
     def draft_cost(self, skip: SkipSet) -> float:
         """c: a draft step's cost relative to a full step."""
         c = 1.0 - self.attention * len(skip.attention) - self.mlp * len(skip.mlp)
         return max(c, MIN_DRAFT_COST)
 
-    def speedup(self, decoded: int, rounds: int, drafted: int, skip: SkipSet) -> float:
-        """Modelled speedup over plain decoding of ``decoded`` tokens made in ``rounds`` rounds."""
-        cost = rounds * self.verify + drafted * self.draft_cost(skip)
+    def verify_cost(self, tokens: int) -> float:
+        """v(n): a target pass over ``tokens`` tokens (the longest timed one beyond k + 1)."""
+        return self.verify[min(tokens, len(self.verify)) - 1]
+
+    def speedup(self, decoded: int, rounds_by_draft: Mapping[int, int], skip: SkipSet) -> float:
+        """Modelled speedup over plain decoding of ``decoded`` tokens made in rounds, of which
+        ``rounds_by_draft[d]`` drafted d tokens."""
+        drafted = sum(d * n for d, n in rounds_by_draft.items())
+        verify = sum(n * self.verify_cost(d + 1) for d, n in rounds_by_draft.items())
+        cost = verify + drafted * self.draft_cost(skip)
         return decoded / cost if cost > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,38 +64,38 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CostModel:
-        return cls(**data)
+        return cls(**{**data, "verify": tuple(data["verify"])})
 
 
-def calibrate(target: LoadedModel, context_ids: list[int], k: int, repeats: int = 9) -> CostModel:
+def calibrate(target: LoadedModel, context_ids: list[int], k: int, repeats: int = 7) -> CostModel:
     """Time the steps the cost model needs on ``target`` after ``context_ids`` (see module doc).
 
-    The four kinds of step take turns, ``repeats`` rounds after a warm-up round, and each keeps
-    its median, so that a busy spell of the machine hits all of them alike.
+    The kinds of step take turns, ``repeats`` rounds after a warm-up round, and each keeps its
+    median, so that a busy spell of the machine hits all of them alike.
     """
     layers = check_supported(target.model)
     session = ModelSession(target.model)
     session.forward(context_ids, 1)
     token = context_ids[-1]
-    steps = {
-        "full": (SkipSet(), [token]),
+    steps: dict[str, tuple[SkipSet, list[int]]] = {
         "no_attention": (SkipSet.of(attention=range(layers)), [token]),
         "no_mlp": (SkipSet.of(mlp=range(layers)), [token]),
-        "verify": (SkipSet(), [token] * (k + 1)),
     }
+    steps.update({f"pass_{n}": (SkipSet(), [token] * n) for n in range(1, k + 2)})
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats + 1):
         for name, (skip, ids) in steps.items():
             times[name].append(_timed_step(session, skip, ids))
     t = {name: statistics.median(values[1:]) for name, values in times.items()}
-    full = t["full"]
+    full = t["pass_1"]
+    # a longer pass never costs less than a shorter one's real work: floor at 1
+    verify = tuple(max(t[f"pass_{n}"] / full, 1.0) for n in range(1, k + 2))
     return CostModel(
         attention=max(full - t["no_attention"], 0.0) / (layers * full),
         mlp=max(full - t["no_mlp"], 0.0) / (layers * full),
-        verify=max(t["verify"] / full, 1.0),  # a longer pass never costs less than one token's
+        verify=verify,
         step_seconds=full,
         context=len(context_ids),
-        k=k,
     )
 
 

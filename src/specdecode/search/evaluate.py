@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specdecode.decoding import GenerationStats, SpeculativeGenerator
 from specdecode.drafters import Drafter
@@ -29,6 +29,7 @@ class Evaluation:
     target_seconds: float = 0.0
     prefill_seconds: float = 0.0
     total_seconds: float = 0.0
+    drafted_at_least: list[int] = field(default_factory=list)  # [d]: rounds drafting > d tokens
 
     def add(self, stats: GenerationStats) -> None:
         self.prompts += 1
@@ -42,6 +43,17 @@ class Evaluation:
         self.target_seconds += stats.target_seconds
         self.prefill_seconds += stats.time_to_first_token
         self.total_seconds += stats.total_seconds
+        per_position = stats.drafted_per_position
+        grow = len(per_position) - len(self.drafted_at_least)
+        self.drafted_at_least.extend([0] * max(grow, 0))
+        for d, count in enumerate(per_position):
+            self.drafted_at_least[d] += count
+
+    @property
+    def rounds_by_draft(self) -> dict[int, int]:
+        """How many rounds drafted d tokens, for each d (0 included)."""
+        at_least = [self.rounds, *self.drafted_at_least, 0]
+        return {d: at_least[d] - at_least[d + 1] for d in range(len(at_least) - 1)}
 
     @property
     def alpha(self) -> float | None:
@@ -165,7 +177,7 @@ def _row(
     step, base_step = ev.draft_step_seconds, base.decode_step_seconds
     modelled = None
     if cost is not None:
-        modelled = 1.0 if skip is None else cost.speedup(ev.decoded, ev.rounds, ev.drafted, skip)
+        modelled = 1.0 if skip is None else cost.speedup(ev.decoded, ev.rounds_by_draft, skip)
     base_rate = base.tokens_per_second
     return ComparisonRow(
         name=name,

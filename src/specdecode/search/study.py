@@ -149,9 +149,13 @@ def _tune_sqlite(engine: Any) -> None:
 def make_sampler(settings: SearchSettings, seed: int) -> Any:
     optuna = _optuna()
     if settings.sampler == "gp":
-        return optuna.samplers.GPSampler(
-            seed=seed, deterministic_objective=settings.objective == "modelled"
-        )
+        import warnings
+
+        with warnings.catch_warnings():  # deterministic_objective is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(
+                seed=seed, deterministic_objective=settings.objective == "modelled"
+            )
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
@@ -294,7 +298,7 @@ class SkipObjective:
     def value(self, totals: Evaluation, skip: SkipSet) -> float:
         if self.settings.objective == "tokens-per-second":
             return totals.tokens_per_second
-        return self.cost.speedup(totals.decoded, totals.rounds, totals.drafted, skip)
+        return self.cost.speedup(totals.decoded, totals.rounds_by_draft, skip)
 
     def _record(self, trial: Any, totals: Evaluation, skip: SkipSet) -> None:
         """What the trial measured, as one user attribute (one write to the storage)."""
@@ -303,9 +307,7 @@ class SkipObjective:
             "alpha": totals.alpha,
             "tau": totals.tau,
             "tokens_per_second": totals.tokens_per_second,
-            "modelled_speedup": self.cost.speedup(
-                totals.decoded, totals.rounds, totals.drafted, skip
-            ),
+            "modelled_speedup": self.cost.speedup(totals.decoded, totals.rounds_by_draft, skip),
             "c_model": self.cost.draft_cost(skip),
             "c_timed": None if step is None else step / self.cost.step_seconds,
             "skip_ratio": skip.ratio(self.space.num_layers),
