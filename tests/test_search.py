@@ -299,6 +299,9 @@ def test_killed_search_resumes_without_losing_trials(tmp_path, tiny6, prompt_fil
     assert profile.model.num_layers == LAYERS and profile.measured is not None
     assert out.with_name("best-history.png").stat().st_size > 0
     assert out.with_name("best-skips.png").stat().st_size > 0
+    rows = json.loads(out.with_name("best-trials.json").read_text())
+    assert sorted(r["number"] for r in rows) == sorted(after)
+    assert all(r["worker"] for r in rows)
 
 
 def test_search_in_process_with_the_gp_sampler_and_plots(tmp_path, target):

@@ -232,6 +232,7 @@ def _search(
     profile = _best_profile(args, target, prompts, settings, best, cost)
     profile.save(out)
     plots = _plots(study, target.num_layers, settings.objective, out)
+    plots.append(_trials_json(study, out))
     _print_summary(name, ran, study, best, profile, out, plots)
     return 0
 
@@ -287,6 +288,16 @@ def _plots(study: Any, num_layers: int, objective: str, out: Path) -> list[Path]
     return [history, skips]
 
 
+def _trials_json(study: Any, out: Path) -> Path:
+    """Every finished trial's skip set and measurements, for a closer look."""
+    from specdecode.search.study import finished_trials, trial_summary
+
+    path = out.with_name(f"{out.stem}-trials.json")
+    rows = [trial_summary(t) for t in finished_trials(study)]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
+
+
 def _print_summary(
     name: str, ran: int, study: Any, best: Any, profile: SkipProfile, out: Path, plots: list[Path]
 ) -> None:
@@ -308,7 +319,7 @@ def _print_summary(
             f"(speedup {m.speedup:.2f}x)"
         )
     print(f"profile: {out}")
-    print("plots: " + ", ".join(str(p) for p in plots))
+    print("plots and trials: " + ", ".join(str(p) for p in plots))
     print(
         f"use it: specdecode generate --target {profile.model.name} --skip-profile {out} "
         f"-k {profile.draft.max_draft_tokens} PROMPT"

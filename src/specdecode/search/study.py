@@ -22,10 +22,12 @@ import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from specdecode.drafters.layerskip import LayerSkipDrafter
 from specdecode.errors import SearchError
 from specdecode.models import LoadedModel
 from specdecode.models.layerskip import SkipSet
@@ -81,8 +83,6 @@ def make_storage(url: str, heartbeat: int, attempts: int = 5) -> Any:
     Workers starting together on an empty database race to create its tables, and the losers
     fail; they try again (``attempts`` in all) and find the tables made.
     """
-    import time
-
     from sqlalchemy.exc import SQLAlchemyError
 
     url = with_postgres_driver(url)
@@ -268,8 +268,6 @@ class SkipObjective:
                 "metrics", {**twin.user_attrs["metrics"], "duplicate_of": twin.number}
             )
             return float(twin.value)
-        from specdecode.drafters.layerskip import LayerSkipDrafter
-
         drafter = LayerSkipDrafter(self.target, skip, self.settings.draft.exit())
 
         def report(index: int, totals: Evaluation) -> None:
@@ -359,8 +357,6 @@ def run_search(
     trial is failed after the grace period and retried once). Returns how many trials this
     worker finished.
     """
-    import time
-
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     mine: list[Any] = []
     done = streak = 0
