@@ -152,11 +152,11 @@ class CostAwareLength(DraftLength):
     initial: int = 5  # k until pass costs and draft timing are known
     maximum: int = 16  # the longest draft
     prior_alpha: float = 0.7  # alpha before any round of a sequence
-    prior_weight: float = 2.0  # the prior's weight, in rounds
+    prior_weight: float = 4.0  # the prior's weight, in rounds
     decay: float = 0.8  # weight of the past in the moving averages, per round
     probe_k: int = 3  # tokens drafted by a probe
-    probe_every: int = 8  # plain rounds before the first probe
-    probe_max_every: int = 64  # the longest gap between probes
+    probe_every: int = 4  # plain rounds before the first probe
+    probe_max_every: int = 32  # the longest gap between probes
     costs: PassCosts | None = field(default=None, repr=False)
     padded: bool = True  # the loop pads passes to the cheapest size
     _accepted: float = field(default=0.0, init=False, repr=False)
