@@ -85,8 +85,8 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-dtype",
         default=None,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="draft model precision (default: same as --dtype)",
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+        help="draft model precision (default: same as --dtype; int8: dynamic quantization, CPU)",
     )
     group.add_argument(
         "--skip-profile",
@@ -99,8 +99,9 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-schedule",
         default="constant",
-        choices=["constant", "heuristic"],
-        help="our draft model: constant k, or transformers' heuristic (+2 / -1)",
+        choices=["constant", "heuristic", "auto"],
+        help="our draft model: constant k, transformers' heuristic (+2 / -1), or auto (the k "
+        "the measured costs say pays best; docs/speed.md)",
     )
     group.add_argument(
         "--confidence-threshold",

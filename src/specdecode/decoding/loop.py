@@ -80,6 +80,7 @@ class SpeculativeGenerator:
             self.schedule.use_costs(pass_costs, pad_passes)
         if drafter is not None:
             drafter.bind(self.session)
+        self.vocab_size = int(target.model.get_output_embeddings().weight.shape[0])
 
     # ----------------------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -243,8 +244,13 @@ class SpeculativeGenerator:
         if k < 1:
             return EMPTY_DRAFT
         draft = self.drafter.propose(ids, k, sampler)
-        if len(draft) > k:
-            draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k], draft.seconds)
+        # Ids the target's embedding lacks (a draft with a larger padded matrix) have p = 0 and
+        # cannot be fed to the target: the draft ends before the first of them.
+        usable = next((i for i, t in enumerate(draft.tokens) if t >= self.vocab_size), len(draft))
+        usable = min(usable, k)
+        if usable < len(draft):
+            q = None if draft.q is None else draft.q[:usable]
+            draft = Draft(draft.tokens[:usable], q, draft.seconds, draft.info)
         return draft
 
     def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
