@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,14 @@ ARCHS = ("llama", "qwen2", "gpt2")
 
 # Tiny models gain nothing from threads, and several test processes may share the cores.
 torch.set_num_threads(1)
+
+# Where `specdecode models pull` put real models (tests that need one read it from here), before
+# the suite points SPECDECODE_HOME at a scratch folder so that nothing it writes (measured pass
+# costs, pulls in tests) lands in the user's cache.
+from specdecode.models.pull import specdecode_home  # noqa: E402
+
+REAL_HOME = specdecode_home()
+os.environ["SPECDECODE_HOME"] = tempfile.mkdtemp(prefix="specdecode-test-home-")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from specdecode.errors import ModelNotPulledError
 from specdecode.models import load_model
 from specdecode.models.pull import pulled_path
 
+from .conftest import REAL_HOME
+
 pytestmark = pytest.mark.real_model
 
 PROMPT = "def fibonacci(n):\n    "
@@ -20,7 +22,7 @@ PROMPT = "def fibonacci(n):\n    "
 
 def pulled(name: str):
     try:
-        return pulled_path(name)
+        return pulled_path(name, REAL_HOME)
     except ModelNotPulledError:
         pytest.skip(f"{name} is not pulled (specdecode models pull {name})")
 

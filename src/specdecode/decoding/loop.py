@@ -31,7 +31,7 @@ from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
 from specdecode.errors import PromptError
 from specdecode.models import LoadedModel, ModelSession
-from specdecode.models.costs import PassCosts, can_pad, measure_pass_costs
+from specdecode.models.costs import PassCosts, can_pad, pass_costs_for
 from specdecode.models.timing import synchronize
 from specdecode.sampling import SeededSampler, TokenSampler, greedy, to_probs
 from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative_sample
@@ -84,7 +84,7 @@ class SpeculativeGenerator:
 
     # ----------------------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        """Token ids for ``prompt`` (a string, or ids as they are); ``chat`` applies the template."""
+        """Token ids for ``prompt`` (a string, or ids as given); ``chat`` applies the template."""
         if isinstance(prompt, str):
             if not prompt:
                 raise PromptError("the prompt is empty: give some text to continue")
@@ -202,7 +202,9 @@ class SpeculativeGenerator:
 
         finish: FinishReason | None = None
         while True:
-            event, finish = self._accept(proposal, verdict, draft, target_seconds, new, text, request)
+            event, finish = self._accept(
+                proposal, verdict, draft, target_seconds, new, text, request
+            )
             ids.extend(event.token_ids)
             stats.new_tokens = len(new)
             yield event
@@ -221,7 +223,7 @@ class SpeculativeGenerator:
             )
             stats.draft_seconds += draft.seconds
             stats.target_seconds += target_seconds
-            proposal = draft.tokens[: verdict.num_accepted] + [verdict.next_token]
+            proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
 
         stats.total_seconds = time.perf_counter() - start
         tail = text.flush()
@@ -287,7 +289,7 @@ class SpeculativeGenerator:
         :func:`can_pad`); elsewhere the policy keeps its initial k and nothing is padded."""
         self.session.reset()
         if can_pad(self.session.cache):
-            self.pass_costs = measure_pass_costs(self.session, context)
+            self.pass_costs = pass_costs_for(self.target, self.session, context)
             self.schedule.use_costs(self.pass_costs, self.pad_passes)
 
     def _pass_size(self, n: int) -> int:

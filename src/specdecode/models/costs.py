@@ -17,14 +17,22 @@ makes it with a short micro-benchmark on a live :class:`ModelSession`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import torch
 from transformers import DynamicCache
 
 from specdecode.models.cache import RollbackLayer
+from specdecode.models.loading import LoadedModel
 from specdecode.models.session import ModelSession
 from specdecode.models.timing import synchronize
 
@@ -89,6 +97,14 @@ class PassCosts:
             "context_tokens": self.context_tokens,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PassCosts:
+        return cls(
+            relative={int(n): float(c) for n, c in data["relative"].items()},
+            step_seconds=float(data.get("step_seconds", 0.0)),
+            context_tokens=int(data.get("context_tokens", 0)),
+        )
+
 
 def measure_pass_costs(
     session: ModelSession,
@@ -131,6 +147,55 @@ def measure_pass_costs(
         step_seconds=step,
         context_tokens=length,
     )
+
+
+def pass_costs_for(target: LoadedModel, session: ModelSession, context: Sequence[int]) -> PassCosts:
+    """The target's pass costs, measured once per model, precision, device, thread count, CPU
+    and library versions and kept on disk (``$SPECDECODE_HOME/pass-costs/``), so that each new
+    process does not spend ~20 target passes measuring them again. ``SPECDECODE_RECALIBRATE=1``
+    measures anew (e.g. after a calibration taken on a busy machine)."""
+    path = _cost_cache_path(target)
+    if os.environ.get("SPECDECODE_RECALIBRATE", "") in ("", "0"):
+        cached = _read_costs(path)
+        if cached is not None:
+            return cached
+    costs = measure_pass_costs(session, context)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(costs.to_dict()))
+        partial.replace(path)  # atomic: a reader never sees half a file
+    except OSError:  # a read-only cache only costs a new measurement next time
+        pass
+    return costs
+
+
+def _cost_cache_path(target: LoadedModel) -> Path:
+    import transformers
+
+    from specdecode.models.pull import specdecode_home
+
+    key = json.dumps(
+        [
+            target.config_hash(),
+            str(target.dtype),
+            str(target.device),
+            torch.get_num_threads(),
+            platform.processor() or platform.machine(),
+            os.cpu_count(),
+            torch.__version__,
+            transformers.__version__,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return specdecode_home() / "pass-costs" / f"{digest}.json"
+
+
+def _read_costs(path: Path) -> PassCosts | None:
+    try:
+        return PassCosts.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def can_pad(cache: DynamicCache) -> bool:
