@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from specdecode.bench.costs import StepCosts
@@ -48,16 +48,8 @@ def merge_stats(items: Sequence[GenerationStats]) -> GenerationStats:
     """Sum the counters and timings of several generations (per-position lists added)."""
     total = GenerationStats()
     for s in items:
-        for f in fields(GenerationStats):
-            mine, theirs = getattr(total, f.name), getattr(s, f.name)
-            added = _add_lists(mine, theirs) if isinstance(mine, list) else mine + theirs
-            setattr(total, f.name, added)
+        total.accumulate(s)
     return total
-
-
-def _add_lists(a: list[int], b: list[int]) -> list[int]:
-    width = max(len(a), len(b))
-    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(width)]
 
 
 @dataclass

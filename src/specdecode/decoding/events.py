@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 FinishReason = Literal["eos", "stop_string", "length", "cancelled"]
@@ -66,6 +66,19 @@ class GenerationStats:
             self.drafted_per_position[i] += 1
             if i < accepted:
                 self.accepted_per_position[i] += 1
+
+    def accumulate(self, other: GenerationStats) -> None:
+        """Add ``other``'s counters and timings to these (per-position lists added element-wise;
+        ``time_to_first_token`` becomes the total prefill time)."""
+        for f in fields(GenerationStats):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                width = max(len(mine), len(theirs))
+                mine.extend([0] * (width - len(mine)))
+                for i, value in enumerate(theirs):
+                    mine[i] += value
+            else:
+                setattr(self, f.name, mine + theirs)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

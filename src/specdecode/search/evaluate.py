@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from specdecode.decoding import GenerationStats, SpeculativeGenerator
 from specdecode.drafters import Drafter
@@ -15,65 +15,32 @@ from specdecode.search.profile import DraftSettings
 
 
 @dataclass
-class Evaluation:
-    """Totals of greedy generation over several prompts with one drafter (or none)."""
+class Evaluation(GenerationStats):
+    """Totals of greedy generation over several prompts with one drafter (or none): the
+    generations' statistics added up (``tau``, ``alpha`` and tokens/s as for one), and how many
+    prompts they cover."""
 
     prompts: int = 0
-    new_tokens: int = 0
-    target_passes: int = 0  # prefills included
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rejected_rounds: int = 0
-    draft_seconds: float = 0.0
-    target_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    total_seconds: float = 0.0
-    drafted_at_least: list[int] = field(default_factory=list)  # [d]: rounds drafting > d tokens
 
     def add(self, stats: GenerationStats) -> None:
         self.prompts += 1
-        self.new_tokens += stats.new_tokens
-        self.target_passes += stats.target_passes
-        self.rounds += stats.rounds
-        self.drafted += stats.drafted
-        self.accepted += stats.accepted
-        self.rejected_rounds += stats.rejected_rounds
-        self.draft_seconds += stats.draft_seconds
-        self.target_seconds += stats.target_seconds
-        self.prefill_seconds += stats.time_to_first_token
-        self.total_seconds += stats.total_seconds
-        per_position = stats.drafted_per_position
-        grow = len(per_position) - len(self.drafted_at_least)
-        self.drafted_at_least.extend([0] * max(grow, 0))
-        for d, count in enumerate(per_position):
-            self.drafted_at_least[d] += count
+        self.accumulate(stats)
+
+    @property
+    def prefill_seconds(self) -> float:
+        """Total prefill time (the summed times to first token)."""
+        return self.time_to_first_token
 
     @property
     def rounds_by_draft(self) -> dict[int, int]:
         """How many rounds drafted d tokens, for each d (0 included)."""
-        at_least = [self.rounds, *self.drafted_at_least, 0]
+        at_least = [self.rounds, *self.drafted_per_position, 0]
         return {d: at_least[d] - at_least[d + 1] for d in range(len(at_least) - 1)}
-
-    @property
-    def alpha(self) -> float | None:
-        """Acceptance rate, as :attr:`GenerationStats.alpha`."""
-        denominator = self.accepted + self.rejected_rounds
-        return self.accepted / denominator if denominator else None
-
-    @property
-    def tau(self) -> float:
-        """New tokens per target pass (prefill included)."""
-        return self.new_tokens / self.target_passes if self.target_passes else 0.0
 
     @property
     def decoded(self) -> int:
         """New tokens made after the prefills (each prefill gives one)."""
         return self.new_tokens - self.prompts
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
 
     @property
     def draft_step_seconds(self) -> float | None:
