@@ -10,6 +10,8 @@ from specdecode.drafters.schedule import SCHEDULES, DraftLength
 from specdecode.models import LoadedModel, check_same_vocabulary, load_model
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
+DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
@@ -35,14 +37,16 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "drafting (none of these: plain decoding, or the default pair when --target is not given)"
     )
     which = group.add_mutually_exclusive_group()
-    which.add_argument("--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)")
+    which.add_argument(
+        "--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)"
+    )
     which.add_argument(
         "--prompt-lookup", action="store_true", help="draft by n-gram lookup in prompt and output"
     )
     which.add_argument(
         "--skip-profile",
         help="self-speculation: draft with the target itself, skipping the sublayers of this "
-        "profile (from `specdecode search`), with its draft exit; k is still -k",
+        "profile (from `specdecode search`), with its draft exit and k (unless -k is given)",
     )
     group.add_argument(
         "--draft-dtype",
@@ -52,7 +56,11 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "its Linear layers, CPU); never changes the output, only speed and acceptance",
     )
     group.add_argument(
-        "-k", "--num-draft-tokens", type=int, default=5, help="tokens drafted per round (initial k)"
+        "-k",
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help=f"tokens drafted per round, initial k (default: the skip profile's, else {DEFAULT_K})",
     )
     group.add_argument(
         "--draft-schedule",
@@ -164,4 +172,10 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
 
 
 def build_schedule(args: argparse.Namespace) -> DraftLength:
-    return make_schedule(args.draft_schedule, args.num_draft_tokens)
+    """The draft-length policy: -k if given, else the skip profile's k, else DEFAULT_K."""
+    k = args.num_draft_tokens
+    if k is None and getattr(args, "skip_profile", None):
+        from specdecode.search.profile import load_profile
+
+        k = load_profile(args.skip_profile).draft.max_draft_tokens
+    return make_schedule(args.draft_schedule, DEFAULT_K if k is None else k)
