@@ -2,7 +2,7 @@
 
 
 class SpecDecodeError(Exception):
-    """Base class of every error specdecode raises on purpose (the CLI prints these without a traceback)."""
+    """Base class of the errors specdecode raises on purpose (the CLI prints them, no traceback)."""
 
 
 class InvalidSettingsError(SpecDecodeError, ValueError):
@@ -14,7 +14,7 @@ class ModelLoadError(SpecDecodeError):
 
 
 class VocabularyMismatchError(SpecDecodeError):
-    """The draft model's tokenizer does not match the target's, so its tokens mean something else."""
+    """The draft model's tokenizer does not match the target's: its tokens mean something else."""
 
 
 class PromptError(SpecDecodeError, ValueError):

@@ -102,7 +102,9 @@ def resolve_request(
     sampling = resolve_sampling(model_config, **{k: user.get(k) for k in _SAMPLING_KEYS})
     return GenerationRequest(
         sampling=sampling,
-        max_new_tokens=_max_new_tokens(target, prompt_length, user.get("max_new_tokens"), model_config),
+        max_new_tokens=_max_new_tokens(
+            target, prompt_length, user.get("max_new_tokens"), model_config
+        ),
         eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config),
         stop_strings=_stop_strings(user.get("stop_strings")),
         sampling_mode=resolve_sampling_mode(sampling_mode, seed_given=False),

@@ -32,7 +32,9 @@ class RollbackLayer(DynamicLayer):
         self.device = key_states.device
         self.is_initialized = True
 
-    def _ensure_capacity(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> None:
+    def _ensure_capacity(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, need: int
+    ) -> None:
         cap = 0 if self._k_buf is None else self._k_buf.shape[-2]
         if need <= cap:
             return

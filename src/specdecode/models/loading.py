@@ -63,7 +63,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
+        raise ModelLoadError(
+            "device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu"
+        )
     return dev
 
 

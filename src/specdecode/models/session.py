@@ -55,7 +55,7 @@ class ModelSession:
 
     @torch.inference_mode()
     def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor:
-        """Run ``new_ids`` through the model; return logits (num_logits, V) of the last positions."""
+        """Run ``new_ids`` through the model; return the logits (num_logits, V) of the last ones."""
         if not new_ids:
             raise ValueError("forward needs at least one token")
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)

@@ -66,7 +66,9 @@ def validate(s: SamplingSettings) -> None:
     if s.do_sample and s.temperature == 0:
         raise InvalidSettingsError("temperature 0 means greedy decoding: set do_sample=False")
     if not isinstance(s.top_k, int) or s.top_k < 0:
-        raise InvalidSettingsError(f"top_k must be an integer >= 0 (0 disables it), got {s.top_k!r}")
+        raise InvalidSettingsError(
+            f"top_k must be an integer >= 0 (0 disables it), got {s.top_k!r}"
+        )
     if not (0 < s.top_p <= 1):
         raise InvalidSettingsError(f"top_p must be in (0, 1] (1 disables it), got {s.top_p}")
     if s.min_p is not None and not (0 <= s.min_p <= 1):
