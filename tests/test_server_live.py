@@ -216,6 +216,11 @@ async def _give_up_waiting(server: LiveServer) -> None:
     body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 400}
     timeout = httpx.Timeout(10, read=0.3)  # connects, sends, then stops waiting
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=timeout) as http:
+        # Join the queue behind the streams, so that the wait outlasts 0.3 s on a fast machine.
+        for _ in range(200):
+            if (await http.get("/health")).json()["waiting"] >= 16:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/completions", json=body)
 
