@@ -61,3 +61,21 @@ def tiny(tiny_dir):
         return cache[key]
 
     return get
+
+
+DEEP_LAYERS = 6
+
+
+@pytest.fixture(scope="session")
+def deep(tmp_path_factory: pytest.TempPathFactory):
+    """``deep(arch)`` -> a loaded tiny model with 6 layers (some to skip, some to keep)."""
+    cache: dict[str, LoadedModel] = {}
+
+    def get(arch: str) -> LoadedModel:
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch}-deep")
+            make_tiny_model(folder, arch, layers=DEEP_LAYERS, seed=0)
+            cache[arch] = load_model(folder, device="cpu")
+        return cache[arch]
+
+    return get

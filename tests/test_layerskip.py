@@ -11,13 +11,13 @@ import torch
 from specdecode import SpeculativeGenerator
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.errors import InvalidSettingsError, UnsupportedModelError
-from specdecode.models import ModelSession, load_model
+from specdecode.models import ModelSession
 from specdecode.models.layerskip import SkipSet, decoder_layout, skip_layers
 from specdecode.sampling import SamplingSettings, TokenSampler
-from specdecode.testing import make_tiny_model
 from specdecode.verify import Verdict
 
-LAYERS = 6
+from .conftest import DEEP_LAYERS as LAYERS
+
 PROMPTS = ["def add(a, b):", "The quick brown fox"]
 NEW = 32
 SKIPS = {
@@ -25,21 +25,6 @@ SKIPS = {
     "some": SkipSet.of(attention=[2, 4], mlp=[3]),
     "most": SkipSet.of(attention=range(1, LAYERS), mlp=range(LAYERS)),
 }
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """``deep(arch)`` -> a loaded tiny model with 6 layers (enough to skip some and keep some)."""
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"{arch}-deep")
-            make_tiny_model(folder, arch, layers=LAYERS, seed=0)
-            cache[arch] = load_model(folder, device="cpu")
-        return cache[arch]
-
-    return get
 
 
 def reference(target, prompt: str) -> list[int]:

@@ -13,13 +13,13 @@ from specdecode.decoding.config import resolve_request
 from specdecode.drafters import FixedLength, PromptLookupDrafter
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.errors import InvalidSettingsError, ProfileMismatchError, PromptError
-from specdecode.models import load_model
 from specdecode.models.layerskip import SkipSet, decoder_layout
 from specdecode.sampling import TokenSampler
 from specdecode.search.profile import DraftSettings, ModelIdentity, SkipProfile
 from specdecode.testing import make_tiny_model
 
-LAYERS = 6
+from .conftest import DEEP_LAYERS as LAYERS
+
 NEW = 24
 PROMPT = "def add(a, b):"
 SKIPS = {
@@ -29,21 +29,6 @@ SKIPS = {
 }
 TRANSFORMERS_DEFAULTS = {"use_profile_settings": False}  # 20 tokens, constant, threshold 0.4
 K5_HEURISTIC = {"num_assistant_tokens": 5, "num_assistant_tokens_schedule": "heuristic"}
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """``deep(arch)`` -> a loaded tiny model with 6 layers (some to skip, some to keep)."""
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            folder = tmp_path_factory.mktemp(f"{arch}-hf-integration")
-            make_tiny_model(folder, arch, layers=LAYERS, seed=0)
-            cache[arch] = load_model(folder, device="cpu")
-        return cache[arch]
-
-    return get
 
 
 def profile_for(target, skip: SkipSet, k: int = 4) -> SkipProfile:
