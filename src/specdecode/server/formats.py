@@ -110,9 +110,17 @@ class ResponseFormat(ABC):
     def chunk(self, update: ChoiceUpdate) -> BaseModel:
         """A stream chunk for one round (or the end) of a choice."""
 
-    @abstractmethod
+    chunk_model: type[ChatCompletionChunk] | type[Completion]  # the stream chunk's schema
+
     def usage_chunk(self, results: Results) -> BaseModel:
         """The stream's last chunk when ``stream_options.include_usage`` is set."""
+        return self.chunk_model(
+            id=self.id,
+            model=self.model,
+            choices=[],
+            usage=self.usage(results.values()),
+            specdecode=self.extension(results),
+        )
 
     @abstractmethod
     def response(self, results: Results) -> BaseModel:
@@ -121,6 +129,7 @@ class ResponseFormat(ABC):
 
 class ChatFormat(ResponseFormat):
     id_prefix = "chatcmpl"
+    chunk_model = ChatCompletionChunk
 
     def opening(self) -> list[BaseModel]:
         """The first chunk of every choice gives the role, as the OpenAI API does."""
@@ -144,15 +153,6 @@ class ChatFormat(ResponseFormat):
             id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
         )
 
-    def usage_chunk(self, results: Results) -> BaseModel:
-        return ChatCompletionChunk(
-            id=self.id,
-            model=self.model,
-            choices=[],
-            usage=self.usage(results.values()),
-            specdecode=self.extension(results),
-        )
-
     def response(self, results: Results) -> BaseModel:
         choices = [
             ChatChoice(
@@ -172,20 +172,13 @@ class ChatFormat(ResponseFormat):
 
 
 class CompletionFormat(ResponseFormat):
+    chunk_model = Completion
+
     def chunk(self, update: ChoiceUpdate) -> BaseModel:
         finish = None if update.result is None else finish_reason(update.result)
         choice = CompletionChoice(index=update.index, text=update.text, finish_reason=finish)
         return Completion(
             id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
-        )
-
-    def usage_chunk(self, results: Results) -> BaseModel:
-        return Completion(
-            id=self.id,
-            model=self.model,
-            choices=[],
-            usage=self.usage(results.values()),
-            specdecode=self.extension(results),
         )
 
     def response(self, results: Results) -> BaseModel:
