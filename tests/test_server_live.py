@@ -27,7 +27,8 @@ import pytest
 
 from specdecode.cli.main import main as cli_main
 from specdecode.cli.serve import api_keys, default_model_name
-from specdecode.testing import make_tiny_model, perturbed_copy
+
+from .test_server import tiny_models
 
 MODEL = "tiny-live"
 KEY = "sk-live-test"
@@ -56,16 +57,6 @@ class LiveServer:
             for line in text.splitlines()
             if line and not line.startswith("#")
         }
-
-
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Target and draft folders, built once per session and shared by the server test modules."""
-    root = tmp_path_factory.getbasetemp() / "server-tiny-models"
-    if not (root / "built").exists():
-        make_tiny_model(root / "target", "llama")
-        perturbed_copy(root / "target", root / "draft", scale=0.005)  # agrees often, not always
-        (root / "built").touch()
-    return root
 
 
 def _free_port() -> int:
