@@ -355,7 +355,8 @@ def test_a_skip_profile_adds_the_layer_skip_mode(models, folders, tmp_path):
     assert list(data["modes"]) == [REFERENCE, "ours-layer-skip"]
     drafter = data["modes"]["ours-layer-skip"]["drafter"]
     assert (drafter["skip_attention"], drafter["skip_mlp"]) == ([1], [1])
-    assert data["modes"]["ours-layer-skip"]["draft_length"] == {"schedule": "constant", "k": 3}
+    length = data["modes"]["ours-layer-skip"]["draft_length"]
+    assert (length["schedule"], length["initial_k"]) == ("auto", 3)  # the profile's k
     assert data["identity"]["all_identical"] is True
     assert "ours-layer-skip" in data["costs"]["c"]
     summary = next(

@@ -26,11 +26,20 @@ def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
     return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("drafter", [[], ["--prompt-lookup"], ["--draft", "perturbed"]])
+@pytest.mark.parametrize(
+    "drafter",
+    [
+        [],
+        ["--prompt-lookup"],
+        ["--draft", "perturbed"],  # int8 draft, auto schedule: the defaults
+        ["--draft", "perturbed", "--confidence-stop"],
+        ["--draft", "perturbed", "--draft-dtype", "float32", "--draft-schedule", "constant"],
+    ],
+)
 def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):
     args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "30", "--json"]
     if drafter[:1] == ["--draft"]:
-        drafter = ["--draft", str(tiny_dir("qwen2", "perturbed"))]
+        drafter = ["--draft", str(tiny_dir("qwen2", "perturbed")), *drafter[2:]]
     code, out, _ = run_cli(capsys, *args, *drafter)
     assert code == 0
     payload = json.loads(out)

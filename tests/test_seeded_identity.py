@@ -79,11 +79,11 @@ class _Uncoupled(Drafter):
     def begin(self, prompt_ids):
         self.inner.begin(prompt_ids)
 
-    def propose(self, ids, max_tokens, sampler):
+    def propose(self, ids, max_tokens, sampler, stop=None):
         other = SeededSampler(
             sampler.settings, None, seed=sampler.seed + 1, prompt_length=sampler.prompt_length
         )
-        return self.inner.propose(ids, max_tokens, other)
+        return self.inner.propose(ids, max_tokens, other, stop)
 
 
 def test_coupling_raises_acceptance(tiny):

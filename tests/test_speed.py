@@ -3,22 +3,28 @@ draft; and the cost model picks what it should."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from specdecode import ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
+from specdecode.drafters import LayerSkipDrafter
 from specdecode.drafters.schedule import (
+    AcceptanceCalibration,
     CostAwareLength,
     best_draft_length,
     expected_speedup,
     expected_tokens,
     make_schedule,
+    should_stop_drafting,
 )
 from specdecode.errors import InvalidSettingsError
-from specdecode.models import ModelSession, load_model
+from specdecode.models import ModelSession, draft_dtype_for, load_model
 from specdecode.models.costs import PassCosts, can_pad, measure_pass_costs
+from specdecode.models.layerskip import SkipSet
+from specdecode.sampling import SamplingSettings, TokenSampler
 from specdecode.verify import Verdict
 
 from .conftest import ARCHS
@@ -164,6 +170,10 @@ def test_policy_drafts_initial_k_until_it_has_costs_and_timing():
     policy.observe_time(drafted=4, draft_seconds=0.04, fed=8, target_seconds=1.74)
     assert policy.c == pytest.approx(0.01)
     assert policy.next() >= 1
+    # after a plain round the draft catches up on its tokens first: that round is not timed
+    policy.observe_time(drafted=0, draft_seconds=0.0, fed=1, target_seconds=1.0)
+    policy.observe_time(drafted=2, draft_seconds=5.0, fed=4, target_seconds=1.86)
+    assert policy.c == pytest.approx(0.01)
 
 
 def test_policy_stops_speculating_and_probes_with_growing_gaps():
@@ -201,14 +211,17 @@ def test_policy_settings_are_checked():
         CostAwareLength(prior_alpha=1.0)
     with pytest.raises(InvalidSettingsError):
         make_schedule("fastest", 4)
-    assert make_schedule("auto", 20).maximum == 20
+    assert make_schedule("auto", 30).maximum == 30
+    assert make_schedule("auto", 5).maximum == 16
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_auto_schedule_keeps_greedy_identity(tiny, arch):
+@pytest.mark.parametrize("confidence_stop", [False, True])
+def test_auto_schedule_keeps_greedy_identity(tiny, arch, confidence_stop):
     target = tiny(arch)
     for drafter in (ModelDrafter(tiny(arch, "perturbed")), ModelDrafter(tiny(arch, "unrelated"))):
-        generator = SpeculativeGenerator(target, drafter, make_schedule("auto", 4))
+        schedule = make_schedule("auto", 4, confidence_stop)
+        generator = SpeculativeGenerator(target, drafter, schedule)
         for prompt in PROMPTS:
             result = generator.generate(prompt, max_new_tokens=NEW)
             assert result.token_ids == reference(target, prompt), (arch, prompt)
@@ -216,7 +229,135 @@ def test_auto_schedule_keeps_greedy_identity(tiny, arch):
         assert generator.schedule.describe()["pass_costs"] is not None
 
 
+# ---------------------------------------------------------------- ending drafts by confidence
+FLAT = PassCosts({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0})  # a GPU-like table: passes ~free
+
+
+def test_stop_rule_weighs_the_next_tokens_against_their_cost():
+    # free verification, draft step 0.1: one more token at acceptance 0.5 * 0.9 = 0.45 beats
+    # 0.1 steps at rate 2 (0.2) -> go on; at rate 5 (0.5) it does not, nor do longer looks
+    assert not should_stop_drafting(0.5, 3, 10, 0.9, 0.1, FLAT, rate=2.0)
+    assert should_stop_drafting(0.5, 3, 10, 0.9, 0.1, FLAT, rate=5.0)
+    # a draft that is surely rejected already gains nothing from more tokens
+    assert should_stop_drafting(0.0, 2, 10, 0.9, 0.01, FLAT, rate=1.0)
+    # no room left (horizon 0): stop
+    assert should_stop_drafting(1.0, 5, 0, 0.9, 0.01, FLAT, rate=1.0)
+
+
+def test_stop_rule_looks_ahead_to_passes_that_padding_makes_free():
+    # PAD_TO_16: a pass of 5 tokens costs 3 steps, one of 16 tokens 1.5 (padded, every size
+    # from 2 on costs 1.5). With 1 token drafted the pass is already a 16-token one: the next
+    # token costs only c, so even a doubtful continuation pays
+    assert not should_stop_drafting(0.3, 1, 14, 0.5, 0.05, PAD_TO_16, rate=1.2)
+    # unpadded, the next token also grows the pass from 2 tokens (3.0) to 3 (3.0 too, the next
+    # measured size) - and to 17 tokens it would cost 1.5 * 17 / 16: the rule sees the same
+    assert not should_stop_drafting(0.3, 1, 14, 0.5, 0.05, PAD_TO_16, rate=1.2, padded=False)
+    # beyond the largest measured size passes grow linearly: a long draft must earn its pass
+    assert should_stop_drafting(0.3, 16, 8, 0.5, 0.05, PAD_TO_16, rate=1.2)
+
+
+def test_calibration_learns_acceptance_by_confidence():
+    calib = AcceptanceCalibration(bins=10, prior_weight=2.0, decay=1.0)
+    assert calib.rate(0.95) == pytest.approx(0.95)  # the prior: a calibrated draft
+    assert calib.rate(0.05) == pytest.approx(0.05)
+    # confident tokens always accepted, doubtful ones never; tokens after a rejection unseen
+    for _ in range(50):
+        calib.update([0.97, 0.93, 0.35, 0.96], accepted=2)
+    assert calib.rate(0.95) > 0.99
+    assert calib.rate(0.35) < 0.02
+    assert calib.rate(0.75) == pytest.approx(0.75)  # never seen: still the prior
+
+
+def _confident_policy(confidence_stop: bool = True) -> CostAwareLength:
+    policy = CostAwareLength(initial=4, maximum=16, confidence_stop=confidence_stop)
+    policy.use_costs(CPU_LIKE, padded=True)
+    for _ in range(2):  # an int8-like draft: c = 0.06
+        policy.observe_time(drafted=7, draft_seconds=7 * 0.06, fed=8, target_seconds=1.74)
+    for _ in range(20):  # sure tokens accepted, doubtful ones rejected
+        policy.update(_verdict(5, 6), [0.99, 0.98, 0.97, 0.99, 0.95, 0.3])
+    return policy
+
+
+def test_policy_with_confidences_drafts_long_and_stops_at_doubt():
+    policy = _confident_policy()
+    assert policy.next() == 16  # speculation pays: the stop rule decides the length
+    stop = policy.stop_rule()
+    assert stop is not None
+    assert not stop([0.99, 0.98])  # sure so far: go on
+    assert stop([0.99, 0.98, 0.3])  # a doubtful token: the rest is likely rejected
+    assert policy.rate > 1.0  # the rounds paid: the bar for going on is above plain's 1
+    assert policy.describe()["confidence_stop"] is True
+
+
+def test_policy_without_confidence_stop_keeps_the_geometric_choice():
+    policy = _confident_policy(confidence_stop=False)
+    assert policy.stop_rule() is None
+    # uncut drafts: alpha is accepted / (accepted + rejections) = 5 / 6 at the limit
+    assert policy.alpha == pytest.approx(5 / 6, abs=0.02)
+    choice = best_draft_length(policy.alpha, policy.c, CPU_LIKE, 16)
+    assert choice.k > 0 and policy.next() == choice.k
+
+
+def test_policy_with_doubtful_drafts_stops_speculating():
+    policy = CostAwareLength(initial=4, probe_every=4, confidence_stop=True)
+    policy.use_costs(CPU_LIKE, padded=True)
+    for _ in range(2):  # an fp32-like draft: c = 0.38
+        policy.observe_time(drafted=4, draft_seconds=4 * 0.38, fed=8, target_seconds=1.74)
+    for _ in range(20):
+        policy.update(_verdict(0, 2), [0.4, 0.3])
+    assert [policy.next() for _ in range(4)] == [0, 0, 0, 0]
+
+
+def test_drafters_report_confidence_and_obey_the_stop_rule(tiny, deep):
+    target = tiny("llama")
+    sampler = TokenSampler(SamplingSettings(do_sample=False))
+    prompt = target.tokenizer("def add(a, b):")["input_ids"]
+    drafter = ModelDrafter(tiny("llama", "perturbed"))
+    full = drafter.propose(prompt, 6, sampler)
+    assert len(full) == 6 and len(full.confidence) == 6
+    # greedy: the confidence is the draft's top probability, after the first token too
+    with torch.no_grad():
+        logits = tiny("llama", "perturbed").model(torch.tensor([prompt])).logits[0, -1]
+    assert full.confidence[0] == pytest.approx(float(torch.softmax(logits, -1).max()), rel=1e-4)
+    asked: list[int] = []
+
+    def two_tokens(conf):
+        asked.append(len(conf))
+        return len(conf) >= 2
+
+    cut = drafter.propose(prompt, 6, sampler, two_tokens)
+    assert cut.tokens == full.tokens[:2] and asked == [1, 2]
+    # the layer-skip drafter (bound to a session of its target) does the same
+    model = deep("llama")
+    skipper = LayerSkipDrafter(model, SkipSet.of(attention=[2, 3]))
+    skipper.bind(ModelSession(model.model))
+    ids = model.tokenizer("def add(a, b):")["input_ids"]
+    cut = skipper.propose(ids, 6, sampler, lambda conf: len(conf) >= 3)
+    assert len(cut) == len(cut.confidence) <= 3
+    assert all(0.0 < x <= 1.0 for x in cut.confidence)
+    # prompt lookup has no confidences
+    assert PromptLookupDrafter().propose([1, 2, 3, 1, 2], 3, sampler).confidence == []
+
+
+@pytest.mark.parametrize("confidence_stop", [False, True])
+def test_auto_schedule_with_layer_skip_keeps_greedy_identity(deep, confidence_stop):
+    target = deep("llama")
+    drafter = LayerSkipDrafter(target, SkipSet.of(attention=[1, 3], mlp=[4]))
+    generator = SpeculativeGenerator(target, drafter, make_schedule("auto", 4, confidence_stop))
+    for prompt in PROMPTS:
+        result = generator.generate(prompt, max_new_tokens=NEW)
+        assert result.token_ids == reference(target, prompt), prompt
+
+
 # ------------------------------------------------------------------------------- int8 draft
+def test_default_draft_precision_is_int8_beside_a_float32_cpu_target(tiny):
+    target = tiny("qwen2")
+    assert draft_dtype_for(target) == "int8"
+    assert draft_dtype_for(target, "float32") == "float32"  # what the user asked for wins
+    half = dataclasses.replace(target, dtype=torch.bfloat16)
+    assert draft_dtype_for(half) == "bfloat16"
+
+
 def test_int8_draft_keeps_greedy_identity(tiny_dir, tiny):
     draft = load_model(tiny_dir("qwen2", "perturbed"), dtype="int8", device="cpu")
     assert draft.dtype == torch.qint8

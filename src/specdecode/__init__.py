@@ -18,6 +18,7 @@ from specdecode.decoding import (
     SpeculativeGenerator,
 )
 from specdecode.drafters import (
+    CostAwareLength,
     Draft,
     Drafter,
     FixedLength,
@@ -33,12 +34,13 @@ from specdecode.errors import (
     VocabularyMismatchError,
 )
 from specdecode.integrations import skip_assistant
-from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.sampling import SamplingSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CostAwareLength",
     "Draft",
     "Drafter",
     "FinishEvent",
@@ -59,6 +61,7 @@ __all__ = [
     "VocabularyMismatchError",
     "__version__",
     "check_same_vocabulary",
+    "draft_dtype_for",
     "load_model",
     "skip_assistant",
 ]

@@ -8,7 +8,13 @@ from typing import TypeVar
 from specdecode.bench.costs import CostProbe
 from specdecode.bench.modes import REFERENCE, Mode, SpecDecodeMode, TransformersMode
 from specdecode.decoding import SpeculativeGenerator
-from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
+from specdecode.drafters import (
+    Drafter,
+    DraftLength,
+    ModelDrafter,
+    PromptLookupDrafter,
+    make_schedule,
+)
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel
 
@@ -43,13 +49,18 @@ class ModeConfig:
     """Settings of the modes that draft."""
 
     k: int = 5  # our draft model: tokens drafted per round (initial k)
-    schedule: str = "constant"  # our draft model's length policy: constant or heuristic
+    schedule: str = "auto"  # our draft model's and prompt lookup's length policy
+    confidence_stop: bool = False  # auto: end drafts by the draft's confidence
     layer_skip_k: int | None = None  # layer skip: the most tokens per round (None: k)
     confidence_threshold: float | None = None  # our draft model: stop below this probability
     lookup_tokens: int = 10  # both prompt lookups: tokens per draft
     ngram_max: int = 3  # our prompt lookup: longest n-gram
     ngram_min: int = 1  # our prompt lookup: shortest n-gram
     hf_ngram: int = 2  # transformers' prompt lookup: max_matching_ngram_size (its default)
+
+    def schedule_for(self, k: int) -> DraftLength:
+        """Our length policy starting from ``k``."""
+        return make_schedule(self.schedule, k, self.confidence_stop)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -118,12 +129,14 @@ def standard_modes(
             SpeculativeGenerator(
                 target,
                 PromptLookupDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
-                config.lookup_tokens,
+                config.schedule_for(config.lookup_tokens),
             ),
         ),
         OURS_LAYER_SKIP: lambda: SpecDecodeMode(
             OURS_LAYER_SKIP,
-            SpeculativeGenerator(target, _need(layer_skip), config.layer_skip_k or config.k),
+            SpeculativeGenerator(
+                target, _need(layer_skip), config.schedule_for(config.layer_skip_k or config.k)
+            ),
         ),
         HF_LAYER_SKIP: lambda: _hf_layer_skip(target, _need(layer_skip), config),
     }
@@ -153,7 +166,7 @@ def _ours_draft(
     target: LoadedModel, draft: LoadedModel, config: ModeConfig, draft_key: str | None
 ) -> SpecDecodeMode:
     drafter = ModelDrafter(draft, confidence_threshold=config.confidence_threshold)
-    generator = SpeculativeGenerator(target, drafter, make_schedule(config.schedule, config.k))
+    generator = SpeculativeGenerator(target, drafter, config.schedule_for(config.k))
     return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
 
 

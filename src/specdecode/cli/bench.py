@@ -37,7 +37,7 @@ from specdecode.cli.common import (
 )
 from specdecode.decoding import SpeculativeGenerator
 from specdecode.errors import InvalidSettingsError
-from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.prompts import load_prompts
 from specdecode.search.profile import SkipProfile, load_profile
 
@@ -86,7 +86,8 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         "--draft-dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16", "int8"],
-        help="draft model precision (default: same as --dtype; int8: dynamic quantization, CPU)",
+        help="draft model precision (default: int8 next to a float32 target on the CPU, else "
+        "the target's; int8: dynamic quantization, CPU only)",
     )
     group.add_argument(
         "--skip-profile",
@@ -98,10 +99,15 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--draft-schedule",
-        default="constant",
+        default="auto",
         choices=["constant", "heuristic", "auto"],
-        help="our draft model: constant k, transformers' heuristic (+2 / -1), or auto (the k "
-        "the measured costs say pays best; docs/speed.md)",
+        help="our drafters: auto (default: the k the measured costs say pays best; "
+        "docs/speed.md), constant k, or transformers' heuristic (+2 / -1)",
+    )
+    group.add_argument(
+        "--confidence-stop",
+        action="store_true",
+        help="auto schedule: end drafts by the draft's confidence (experimental)",
     )
     group.add_argument(
         "--confidence-threshold",
@@ -201,7 +207,10 @@ def _load_draft(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | 
     if name is None:
         return None
     draft = load_model(
-        name, dtype=args.draft_dtype or args.dtype, device=str(target.device), threads=args.threads
+        name,
+        dtype=draft_dtype_for(target, args.draft_dtype),
+        device=str(target.device),
+        threads=args.threads,
     )
     check_same_vocabulary(target.tokenizer, draft.tokenizer)
     return draft
@@ -217,6 +226,7 @@ def _mode_config(args: argparse.Namespace, profile: SkipProfile | None) -> ModeC
         k=args.num_draft_tokens,
         layer_skip_k=None if profile is None else profile.draft.max_draft_tokens,
         schedule=args.draft_schedule,
+        confidence_stop=args.confidence_stop,
         confidence_threshold=args.confidence_threshold,
         lookup_tokens=args.lookup_tokens,
         ngram_max=args.ngram_max,

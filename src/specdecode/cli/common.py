@@ -7,7 +7,7 @@ from typing import Any
 
 from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
-from specdecode.models import LoadedModel, check_same_vocabulary, load_model
+from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
@@ -52,8 +52,9 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "--draft-dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16", "int8"],
-        help="draft model precision (default: same as --dtype; int8: dynamic quantization of "
-        "its Linear layers, CPU); never changes the output, only speed and acceptance",
+        help="draft model precision (default: int8 next to a float32 target on the CPU, else "
+        "the target's; int8: dynamic quantization of its Linear layers, CPU only); never "
+        "changes the output, only speed and acceptance",
     )
     group.add_argument(
         "-k",
@@ -64,11 +65,17 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--draft-schedule",
-        default="constant",
+        default="auto",
         choices=list(SCHEDULES),
-        help="constant k, transformers' heuristic (+2 after a full accept, -1 otherwise), or "
-        "auto: the k the measured costs and acceptance say pays best, none where nothing pays "
-        "(measures the target's pass costs at the first generation; docs/speed.md)",
+        help="auto (default): the k the measured costs and acceptance say pays best, none where "
+        "nothing pays (measures the target's pass costs once per machine; docs/speed.md); "
+        "constant k; or transformers' heuristic (+2 after a full accept, -1 otherwise)",
+    )
+    group.add_argument(
+        "--confidence-stop",
+        action="store_true",
+        help="auto schedule: draft up to 16 tokens and end each draft where, by the draft's "
+        "confidence and the measured costs, one more token stops paying (experimental)",
     )
     group.add_argument(
         "--confidence-threshold",
@@ -160,7 +167,7 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
     if draft_name:
         draft = load_model(
             draft_name,
-            dtype=args.draft_dtype or args.dtype,
+            dtype=draft_dtype_for(target, args.draft_dtype),
             device=str(target.device),
             threads=args.threads,
         )
@@ -178,4 +185,8 @@ def build_schedule(args: argparse.Namespace) -> DraftLength:
         from specdecode.search.profile import load_profile
 
         k = load_profile(args.skip_profile).draft.max_draft_tokens
-    return make_schedule(args.draft_schedule, DEFAULT_K if k is None else k)
+    return make_schedule(
+        args.draft_schedule,
+        DEFAULT_K if k is None else k,
+        confidence_stop=getattr(args, "confidence_stop", False),
+    )

@@ -320,10 +320,7 @@ def _print_summary(
         )
     print(f"profile: {out}")
     print("plots and trials: " + ", ".join(str(p) for p in plots))
-    print(
-        f"use it: specdecode generate --target {profile.model.name} --skip-profile {out} "
-        f"-k {profile.draft.max_draft_tokens} PROMPT"
-    )
+    print(f"use it: specdecode generate --target {profile.model.name} --skip-profile {out} PROMPT")
 
 
 def _compare(

@@ -245,15 +245,11 @@ class SpeculativeGenerator:
         k = min(self.schedule.next(), remaining - 1)
         if k < 1:
             return EMPTY_DRAFT
-        draft = self.drafter.propose(ids, k, sampler)
+        draft = self.drafter.propose(ids, k, sampler, self.schedule.stop_rule())
         # Ids the target's embedding lacks (a draft with a larger padded matrix) have p = 0 and
         # cannot be fed to the target: the draft ends before the first of them.
         usable = next((i for i, t in enumerate(draft.tokens) if t >= self.vocab_size), len(draft))
-        usable = min(usable, k)
-        if usable < len(draft):
-            q = None if draft.q is None else draft.q[:usable]
-            draft = Draft(draft.tokens[:usable], q, draft.seconds, draft.info)
-        return draft
+        return draft.head(min(usable, k))
 
     def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
         """One target pass over the pending token and the draft; roll back what is rejected.
@@ -278,7 +274,7 @@ class SpeculativeGenerator:
         else:
             verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
         self.session.truncate(len(ids) + verdict.num_accepted)
-        self.schedule.update(verdict)
+        self.schedule.update(verdict, draft.confidence)
         if self.drafter is not None:
             self.drafter.observe(verdict)
         return verdict

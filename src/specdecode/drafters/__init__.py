@@ -4,10 +4,17 @@ from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter, find_continuation
-from specdecode.drafters.schedule import DraftLength, FixedLength, HeuristicLength, make_schedule
+from specdecode.drafters.schedule import (
+    CostAwareLength,
+    DraftLength,
+    FixedLength,
+    HeuristicLength,
+    make_schedule,
+)
 
 __all__ = [
     "EMPTY_DRAFT",
+    "CostAwareLength",
     "Draft",
     "DraftExit",
     "DraftLength",

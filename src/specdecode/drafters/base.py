@@ -7,7 +7,7 @@ per sequence, :meth:`propose` once per round and :meth:`observe` with each round
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from specdecode.models import ModelSession
 
 
+StopRule = Callable[[Sequence[float]], bool]
+"""Asked by a drafter after each drafted token with the draft's confidences so far (its
+probability of each token it chose, after the sampling processors): True ends the draft there.
+The decoding loop gets it from the draft-length policy (see ``DraftLength.stop_rule``)."""
+
+
 @dataclass(frozen=True)
 class Draft:
     """Drafted tokens and, for drafters that have them, their distributions q."""
@@ -28,9 +34,18 @@ class Draft:
     q: torch.Tensor | None = None  # (k, V_q) processed draft distributions, or None (one-hot)
     seconds: float = 0.0  # wall time spent drafting (device-synchronised)
     info: dict[str, float] = field(default_factory=dict)  # drafter-specific figures
+    # the draft's probability of each token it chose (empty: a drafter without a distribution)
+    confidence: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def head(self, n: int) -> Draft:
+        """The first ``n`` drafted tokens (the same timing and info)."""
+        if n >= len(self.tokens):
+            return self
+        q = None if self.q is None else self.q[:n]
+        return Draft(self.tokens[:n], q, self.seconds, self.info, self.confidence[:n])
 
 
 EMPTY_DRAFT = Draft(tokens=[])
@@ -52,11 +67,19 @@ class Drafter(ABC):
         """Start a new sequence (drop state left from the previous one)."""
 
     @abstractmethod
-    def propose(self, ids: Sequence[int], max_tokens: int, sampler: TokenSampler) -> Draft:
+    def propose(
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        sampler: TokenSampler,
+        stop: StopRule | None = None,
+    ) -> Draft:
         """Propose at most ``max_tokens`` tokens to follow ``ids`` (prompt + generated so far).
 
-        A drafter with a distribution draws from it with ``sampler`` and returns it as ``q``;
-        one without (prompt lookup) returns ``q=None``.
+        A drafter with a distribution draws from it with ``sampler`` and returns it as ``q``,
+        with its probability of each chosen token as ``confidence``, and asks ``stop`` (when
+        given) after each token whether to end the draft there. One without (prompt lookup)
+        returns ``q=None`` and no confidences, and has nothing to ask ``stop`` with.
         """
 
     def observe(self, verdict: Verdict) -> None:  # noqa: B027 - optional hook

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from specdecode.drafters.base import Draft, Drafter
+from specdecode.drafters.base import Draft, Drafter, StopRule
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, ModelSession
 from specdecode.models.layerskip import SkipSet, check_supported, skip_layers
@@ -124,7 +124,13 @@ class LayerSkipDrafter(Drafter):
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.exit.reset()
 
-    def propose(self, ids: Sequence[int], max_tokens: int, sampler: TokenSampler) -> Draft:
+    def propose(
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        sampler: TokenSampler,
+        stop: StopRule | None = None,
+    ) -> Draft:
         session = self._bound()
         start = time.perf_counter()
         ids = list(ids)
@@ -133,13 +139,15 @@ class LayerSkipDrafter(Drafter):
         verified = session.length  # positions the target computed; the draft's go past them
         try:
             with skip_layers(session.model, self.skip):
-                tokens, dists = self._draft(session, ids, feed, max_tokens, sampler)
+                tokens, dists, confidence = self._draft(
+                    session, ids, feed, max_tokens, sampler, stop
+                )
         finally:
             session.truncate(verified)
         synchronize(session.device)
         q = torch.stack(dists) if dists else None
         info = {"threshold": self.exit.gamma}
-        return Draft(tokens=tokens, q=q, seconds=time.perf_counter() - start, info=info)
+        return Draft(tokens, q, time.perf_counter() - start, info, confidence)
 
     def _draft(
         self,
@@ -148,22 +156,30 @@ class LayerSkipDrafter(Drafter):
         feed: list[int],
         max_tokens: int,
         sampler: TokenSampler,
-    ) -> tuple[list[int], list[torch.Tensor]]:
-        """Up to ``max_tokens`` tokens drawn one by one from the layer-skipped model."""
+        stop: StopRule | None,
+    ) -> tuple[list[int], list[torch.Tensor], list[float]]:
+        """Up to ``max_tokens`` tokens drawn one by one from the layer-skipped model, their
+        distributions and the draft's probability of each."""
         logits = session.forward(feed, 1)[-1]  # (V,)
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
+        confidence: list[float] = []
         for _ in range(max_tokens):
             scores = sampler.scores(logits[None], ids + tokens, len(ids) + len(tokens))[0]
             choice = sampler.choose(scores)
             tokens.append(choice.token)
-            probs = choice.probs
-            if probs is not None:
-                dists.append(probs)
-            if len(tokens) == max_tokens or self.exit.stop(_top_probability(scores, probs)):
+            probs = choice.probs if choice.probs is not None else torch.softmax(scores.float(), -1)
+            if choice.probs is not None:
+                dists.append(choice.probs)
+            confidence.append(float(probs[choice.token]))
+            if (
+                len(tokens) == max_tokens
+                or self.exit.stop(float(probs.max()))
+                or (stop is not None and stop(confidence))
+            ):
                 break
             logits = session.forward([choice.token], 1)[-1]
-        return tokens, dists
+        return tokens, dists, confidence
 
     def observe(self, verdict: Verdict) -> None:
         full = verdict.num_drafted >= self._asked
@@ -185,9 +201,3 @@ class LayerSkipDrafter(Drafter):
             "skip_mlp": list(self.skip.mlp),
             **self.exit.settings(),
         }
-
-
-def _top_probability(scores: torch.Tensor, probs: torch.Tensor | None) -> float:
-    """The draft's confidence: its largest probability after the sampling processors."""
-    p = probs if probs is not None else torch.softmax(scores.float(), dim=-1)
-    return float(p.max())

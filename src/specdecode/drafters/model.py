@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdecode.drafters.base import Draft, Drafter
+from specdecode.drafters.base import Draft, Drafter, StopRule
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, ModelSession
 from specdecode.models.timing import synchronize
@@ -38,30 +38,38 @@ class ModelDrafter(Drafter):
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.session.reset()
 
-    def propose(self, ids: Sequence[int], max_tokens: int, sampler: TokenSampler) -> Draft:
+    def propose(
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        sampler: TokenSampler,
+        stop: StopRule | None = None,
+    ) -> Draft:
         start = time.perf_counter()
         ids = list(ids)
         logits = self.session.forward(self.session.sync(ids), 1)[-1]
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
-        for i in range(max_tokens):
+        confidence: list[float] = []
+        for _ in range(max_tokens):
             scores = sampler.scores(logits[None], ids + tokens, len(ids) + len(tokens))[0]
             choice = sampler.choose(scores)
             tokens.append(choice.token)
             if choice.probs is not None:
                 dists.append(choice.probs)
-            if self._unsure(choice.token, logits, choice.probs) or i == max_tokens - 1:
+            confidence.append(_probability(choice.token, scores, choice.probs))
+            if len(tokens) == max_tokens or self._ends(confidence, stop):
                 break
             logits = self.session.forward([choice.token], 1)[-1]
         synchronize(self.session.device)
         q = torch.stack(dists) if dists else None
-        return Draft(tokens=tokens, q=q, seconds=time.perf_counter() - start)
+        return Draft(tokens, q, time.perf_counter() - start, confidence=confidence)
 
-    def _unsure(self, token: int, logits: torch.Tensor, probs: torch.Tensor | None) -> bool:
-        if self.confidence_threshold is None:
-            return False
-        p = probs if probs is not None else torch.softmax(logits.float(), dim=-1)
-        return float(p[token]) < self.confidence_threshold
+    def _ends(self, confidence: list[float], stop: StopRule | None) -> bool:
+        """Whether the draft ends after its latest token: unsure of it, or ``stop`` says so."""
+        threshold = self.confidence_threshold
+        unsure = threshold is not None and confidence[-1] < threshold
+        return unsure or (stop is not None and stop(confidence))
 
     def describe(self) -> dict[str, object]:
         return {
@@ -69,3 +77,10 @@ class ModelDrafter(Drafter):
             "model": self.draft.name,
             "confidence_threshold": self.confidence_threshold,
         }
+
+
+def _probability(token: int, scores: torch.Tensor, probs: torch.Tensor | None) -> float:
+    """The draft's probability of ``token`` after the sampling processors (greedy: of its
+    argmax under the raw scores, i.e. the top probability)."""
+    p = probs if probs is not None else torch.softmax(scores.float(), dim=-1)
+    return float(p[token])

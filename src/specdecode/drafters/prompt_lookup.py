@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
+from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter, StopRule
 from specdecode.errors import InvalidSettingsError
 from specdecode.sampling import TokenSampler
 
@@ -33,7 +33,13 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, ids: Sequence[int], max_tokens: int, sampler: TokenSampler) -> Draft:
+    def propose(
+        self,
+        ids: Sequence[int],
+        max_tokens: int,
+        sampler: TokenSampler,
+        stop: StopRule | None = None,
+    ) -> Draft:
         start = time.perf_counter()
         tokens = find_continuation(ids, max_tokens, self.max_ngram, self.min_ngram)
         if not tokens:

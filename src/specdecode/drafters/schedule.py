@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from specdecode.drafters.base import StopRule
 from specdecode.errors import InvalidSettingsError
 from specdecode.models.costs import PassCosts
 from specdecode.verify import Verdict
@@ -23,8 +26,16 @@ class DraftLength(ABC):
     def next(self) -> int:
         """k for the next round."""
 
-    def update(self, verdict: Verdict) -> None:  # noqa: B027 - stateless policies ignore it
-        """Learn from the round just verified."""
+    def update(  # noqa: B027 - stateless policies ignore it
+        self, verdict: Verdict, confidence: Sequence[float] = ()
+    ) -> None:
+        """Learn from the round just verified (``confidence``: the draft's probability of each
+        token it drafted, when the drafter has them)."""
+
+    def stop_rule(self) -> StopRule | None:
+        """What ends a draft before k tokens, asked by drafters that know their confidence
+        (None: only k and the drafter's own settings do)."""
+        return None
 
     def use_costs(self, costs: PassCosts, padded: bool) -> None:  # noqa: B027 - optional hook
         """The target's measured pass costs; ``padded``: the loop pads passes to cheap sizes."""
@@ -77,7 +88,7 @@ class HeuristicLength(DraftLength):
     def next(self) -> int:
         return self.k
 
-    def update(self, verdict: Verdict) -> None:
+    def update(self, verdict: Verdict, confidence: Sequence[float] = ()) -> None:
         if verdict.num_drafted == 0:
             return
         if verdict.num_accepted == verdict.num_drafted:
@@ -131,6 +142,81 @@ def best_draft_length(
 
 
 @dataclass
+class AcceptanceCalibration:
+    """How often a drafted token is accepted, as a function of the draft's confidence in it.
+
+    Confidences (the draft's probability of the token it chose) fall into ``bins`` equal bins
+    of [0, 1]; each bin keeps decayed counts of its tokens seen and accepted, starting from a
+    prior of ``prior_weight`` tokens accepted at the bin's centre rate (a calibrated draft). A
+    token counts as seen only when every token before it in its draft was accepted: what the
+    rate estimates is P(accepted | its confidence, the draft so far accepted), the factor the
+    stop rule multiplies.
+    """
+
+    bins: int = 10
+    prior_weight: float = 2.0
+    decay: float = 0.995  # per update of a bin: the pair's behaviour drifts with the text
+    _seen: list[float] = field(init=False, repr=False)
+    _accepted: list[float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.bins < 1 or self.prior_weight <= 0 or not 0 < self.decay <= 1:
+            raise InvalidSettingsError(
+                "calibration needs bins >= 1, prior_weight > 0 and decay in (0, 1]"
+            )
+        self._seen = [self.prior_weight] * self.bins
+        self._accepted = [self.prior_weight * (b + 0.5) / self.bins for b in range(self.bins)]
+
+    def _bin(self, confidence: float) -> int:
+        return min(max(int(confidence * self.bins), 0), self.bins - 1)
+
+    def rate(self, confidence: float) -> float:
+        """Estimated acceptance probability of a token drafted with ``confidence``."""
+        b = self._bin(confidence)
+        return self._accepted[b] / self._seen[b]
+
+    def update(self, confidence: Sequence[float], accepted: int) -> None:
+        """A verified draft: its tokens' confidences and how many of them were accepted."""
+        for i, conf in enumerate(confidence[: accepted + 1]):
+            b = self._bin(conf)
+            self._seen[b] = self.decay * self._seen[b] + 1.0
+            self._accepted[b] = self.decay * self._accepted[b] + (1.0 if i < accepted else 0.0)
+
+
+def should_stop_drafting(
+    accept_all: float,
+    drafted: int,
+    horizon: int,
+    future_rate: float,
+    c: float,
+    costs: PassCosts,
+    rate: float,
+    padded: bool = True,
+) -> bool:
+    """Whether a draft of ``drafted`` tokens should end here, on expected tokens and costs.
+
+    ``accept_all`` is the probability that all the drafted tokens are accepted; each further
+    token is accepted with probability ``future_rate`` (given all before it were). Drafting h
+    more tokens adds ``accept_all * (r + r^2 + ... + r^h)`` expected tokens to the round and
+    costs ``h c`` plus the growth of the verification pass, in target steps. It pays when the
+    tokens it adds exceed what the same cost makes at ``rate``, the long-run tokens per target
+    step of this decoding: the optimal-stopping rule of a renewal-reward process (a round is a
+    renewal; maximising tokens per cost means continuing while the marginal return beats the
+    average). Looking up to ``horizon`` tokens ahead catches pass sizes that come for free with
+    padding. Returns True (stop) when no h in 1..``horizon`` pays.
+    """
+    base = costs.cost(drafted + 1, padded)
+    gain, reach = 0.0, accept_all
+    for h in range(1, horizon + 1):
+        reach *= future_rate
+        gain += reach
+        extra = h * c + costs.cost(drafted + h + 1, padded) - base
+        if gain > rate * extra:
+            return False
+    return True
+
+
+@dataclass
 class CostAwareLength(DraftLength):
     """Draft the k that the measured costs say pays best; stop speculating where none pays.
 
@@ -139,13 +225,26 @@ class CostAwareLength(DraftLength):
     / (accepted + rejections), the geometric model's estimate), the draft cost c measured online
     (seconds per drafted token / seconds per target step) and the target's pass costs measured
     once (:class:`PassCosts`, given by the loop through :meth:`use_costs`). Until costs and a
-    draft timing are known it drafts ``initial`` tokens. The first drafting round of each
-    sequence is not timed: a draft model prefills the prompt in it.
+    draft timing are known it drafts ``initial`` tokens. A drafting round that follows a round
+    without a draft (or starts a sequence) is not timed: a draft model first catches up on the
+    tokens it has not seen (the prompt, the plain rounds' tokens), which is no draft step's
+    cost and would make speculation look dearer exactly when it has stopped.
 
     When no k is expected to beat plain decoding, it drafts nothing and only probes: one round
     of ``probe_k`` tokens after ``probe_every`` plain rounds, the gap doubling (up to
     ``probe_max_every``) while probes keep showing no gain, so it is never much slower than
     plain decoding and notices when the text turns predictable.
+
+    With a drafter that reports its confidence (a draft model, layer skipping), it also ends
+    each draft where one more token stops paying (:meth:`stop_rule`,
+    :func:`should_stop_drafting`): the probability that the draft so far is all accepted comes
+    from each token's confidence through an online :class:`AcceptanceCalibration`, so a draft
+    runs long while the draft model is sure and stops at the first doubtful token. k is then
+    ``maximum`` whenever speculation pays at all, and the rule decides the length. This is the
+    role of transformers' fixed ``assistant_confidence_threshold``, with the threshold set by
+    the measured costs instead of by hand. Off by default (``confidence_stop=True`` turns it
+    on): measured on the Qwen2.5-Coder pair it matched the per-round k on code and lost to it
+    on chat (docs/speed.md).
     """
 
     needs_costs = True
@@ -157,7 +256,9 @@ class CostAwareLength(DraftLength):
     probe_k: int = 3  # tokens drafted by a probe
     probe_every: int = 4  # plain rounds before the first probe
     probe_max_every: int = 32  # the longest gap between probes
+    confidence_stop: bool = False  # end drafts by expected gain (drafters with confidences)
     costs: PassCosts | None = field(default=None, repr=False)
+    calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration, repr=False)
     padded: bool = True  # the loop pads passes to the cheapest size
     _accepted: float = field(default=0.0, init=False, repr=False)
     _rejected: float = field(default=0.0, init=False, repr=False)
@@ -165,7 +266,12 @@ class CostAwareLength(DraftLength):
     _step_seconds: float | None = field(default=None, init=False, repr=False)
     _plain_rounds: int = field(default=0, init=False, repr=False)
     _probe_gap: int = field(default=0, init=False, repr=False)
-    _first_draft: bool = field(default=True, init=False, repr=False)
+    _catching_up: bool = field(default=True, init=False, repr=False)  # the draft lags behind
+    _confident: bool = field(default=False, init=False, repr=False)  # drafts carry confidences
+    _token_rate: float | None = field(default=None, init=False, repr=False)  # mean calibrated
+    _round_tokens: float = field(default=0.0, init=False, repr=False)  # moving sums of rounds'
+    _round_cost: float = field(default=0.0, init=False, repr=False)  # tokens and modelled cost
+    _k: int = field(default=0, init=False, repr=False)  # k of the latest round
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial <= self.maximum:
@@ -181,8 +287,22 @@ class CostAwareLength(DraftLength):
 
     @property
     def alpha(self) -> float:
-        """The current estimate of the per-token acceptance rate."""
+        """The current estimate of the per-token acceptance rate.
+
+        For drafts cut by the stop rule, accepted / (accepted + rejections) overstates it (the
+        rule ends drafts before the doubtful tokens): the calibrated rate of the tokens drafted
+        is used instead."""
+        if self._stops_by_confidence() and self._token_rate is not None:
+            return self._token_rate
         return self._accepted / (self._accepted + self._rejected)
+
+    @property
+    def rate(self) -> float:
+        """Tokens per target step that speculation has been making lately (modelled from
+        rounds' outcomes and the measured costs), never below plain decoding's 1."""
+        if self._round_cost <= 0:
+            return 1.0
+        return max(1.0, self._round_tokens / self._round_cost)
 
     @property
     def c(self) -> float | None:
@@ -192,12 +312,15 @@ class CostAwareLength(DraftLength):
         return self._draft_token_seconds / self._step_seconds
 
     def reset(self) -> None:
-        """New sequence: alpha back to the prior; the timings (the machine's) are kept."""
+        """New sequence: acceptance back to the prior; the timings (the machine's) and the
+        confidence calibration (the model pair's) are kept."""
         self._accepted = self.prior_alpha * self.prior_weight
         self._rejected = (1.0 - self.prior_alpha) * self.prior_weight
+        self._token_rate = self.prior_alpha
+        self._round_tokens = self._round_cost = self.prior_weight  # rate 1: plain decoding's
         self._plain_rounds = 0
         self._probe_gap = self.probe_every
-        self._first_draft = True
+        self._catching_up = True
 
     def use_costs(self, costs: PassCosts, padded: bool) -> None:
         self.costs, self.padded = costs, padded
@@ -212,12 +335,16 @@ class CostAwareLength(DraftLength):
         return best_draft_length(self.alpha, c, self.costs, self.maximum, self.padded)
 
     def next(self) -> int:
+        self._k = self._next()
+        return self._k
+
+    def _next(self) -> int:
         choice = self.choice()
         if choice is None:
             return self.initial
         if choice.k > 0:
             self._plain_rounds, self._probe_gap = 0, self.probe_every
-            return choice.k
+            return self.maximum if self._stops_by_confidence() else choice.k
         self._plain_rounds += 1
         if self._plain_rounds <= self._probe_gap:
             return 0
@@ -225,11 +352,41 @@ class CostAwareLength(DraftLength):
         self._probe_gap = min(2 * self._probe_gap, self.probe_max_every)
         return self.probe_k
 
-    def update(self, verdict: Verdict) -> None:
+    def _stops_by_confidence(self) -> bool:
+        return self.confidence_stop and self._confident
+
+    def stop_rule(self) -> StopRule | None:
+        return self._stop if self.confidence_stop else None
+
+    def _stop(self, confidence: Sequence[float]) -> bool:
+        """End the draft after these tokens? (see :func:`should_stop_drafting`)"""
+        c = self.c
+        if self.costs is None or c is None or self._token_rate is None:
+            return False  # not measured yet: draft the k asked
+        accept_all = math.prod(self.calibration.rate(x) for x in confidence)
+        drafted = len(confidence)
+        horizon = max(self._k, self.initial) - drafted
+        return should_stop_drafting(
+            accept_all, drafted, horizon, self._token_rate, c, self.costs, self.rate, self.padded
+        )
+
+    def update(self, verdict: Verdict, confidence: Sequence[float] = ()) -> None:
         if verdict.num_drafted == 0:
             return
         self._accepted = self.decay * self._accepted + verdict.num_accepted
         self._rejected = self.decay * self._rejected + float(verdict.rejected)
+        self._confident = len(confidence) == verdict.num_drafted
+        if not self._confident:
+            return
+        self.calibration.update(confidence, verdict.num_accepted)
+        for x in confidence:
+            self._token_rate = _moving(self._token_rate, self.calibration.rate(x), self.decay)
+        c = self.c
+        if self.costs is not None and c is not None:
+            d = verdict.num_drafted
+            cost = d * c + self.costs.cost(d + 1, self.padded)
+            self._round_tokens = self.decay * self._round_tokens + verdict.num_accepted + 1
+            self._round_cost = self.decay * self._round_cost + cost
 
     def observe_time(
         self, drafted: int, draft_seconds: float, fed: int, target_seconds: float
@@ -237,11 +394,11 @@ class CostAwareLength(DraftLength):
         if self.costs is not None and target_seconds > 0:
             step = target_seconds / self.costs.cost(fed, padded=False)
             self._step_seconds = _moving(self._step_seconds, step, self.decay)
-        if drafted > 0 and self._first_draft:
-            # a draft model's first round of a sequence includes its prefill of the prompt:
-            # not a draft step's cost
-            self._first_draft = False
-        elif drafted > 0:
+        if drafted == 0:
+            self._catching_up = True  # the next draft first feeds this round's tokens
+        elif self._catching_up:
+            self._catching_up = False  # this draft included the catch-up: not a step's cost
+        else:
             per_token = draft_seconds / drafted
             self._draft_token_seconds = _moving(self._draft_token_seconds, per_token, self.decay)
 
@@ -251,6 +408,7 @@ class CostAwareLength(DraftLength):
             "initial_k": self.initial,
             "max_k": self.maximum,
             "padded": self.padded,
+            "confidence_stop": self.confidence_stop,
             "pass_costs": None if self.costs is None else self.costs.to_dict(),
         }
 
@@ -262,15 +420,17 @@ def _moving(previous: float | None, value: float, decay: float) -> float:
 SCHEDULES = ("constant", "heuristic", "auto")
 
 
-def make_schedule(kind: str, k: int) -> DraftLength:
+def make_schedule(kind: str, k: int, confidence_stop: bool = False) -> DraftLength:
     """``constant`` or ``heuristic`` with (initial) length ``k``; ``auto``: the cost-aware
-    policy, starting at ``k`` until it has measured costs, drafting at most max(k, 16)."""
+    policy, starting at ``k`` until it has measured costs, drafting at most max(k, 16), ending
+    drafts by confidence when ``confidence_stop`` is True."""
     if kind == "constant":
         return FixedLength(k)
     if kind == "heuristic":
         return HeuristicLength(k)
     if kind == "auto":
-        return CostAwareLength(initial=k, maximum=max(k, CostAwareLength.maximum))
+        maximum = max(k, CostAwareLength.maximum)
+        return CostAwareLength(initial=k, maximum=maximum, confidence_stop=confidence_stop)
     raise InvalidSettingsError(
         f"unknown draft schedule {kind!r}: choose one of {', '.join(SCHEDULES)}"
     )

@@ -185,6 +185,7 @@ def _cost_cache_path(target: LoadedModel) -> Path:
             os.cpu_count(),
             torch.__version__,
             transformers.__version__,
+            DEFAULT_SIZES,
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
