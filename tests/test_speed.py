@@ -356,6 +356,8 @@ def test_default_draft_precision_is_int8_beside_a_float32_cpu_target(tiny):
     assert draft_dtype_for(target, "float32") == "float32"  # what the user asked for wins
     half = dataclasses.replace(target, dtype=torch.bfloat16)
     assert draft_dtype_for(half) == "bfloat16"
+    quantized = dataclasses.replace(target, dtype=torch.qint8)  # a name load_model takes
+    assert draft_dtype_for(quantized) == "int8"
 
 
 def test_int8_draft_keeps_greedy_identity(tiny_dir, tiny):

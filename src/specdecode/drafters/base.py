@@ -51,6 +51,12 @@ class Draft:
 EMPTY_DRAFT = Draft(tokens=[])
 
 
+def draft_probabilities(scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """The draft's distribution after the sampling processors: the sampler's own when it made
+    one (sampling), else the softmax of the processed scores (greedy)."""
+    return probs if probs is not None else torch.softmax(scores.float(), dim=-1)
+
+
 class Drafter(ABC):
     """Proposes tokens for the target to verify."""
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from specdecode.drafters.base import Draft, Drafter, StopRule
+from specdecode.drafters.base import Draft, Drafter, StopRule, draft_probabilities
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, ModelSession
 from specdecode.models.layerskip import SkipSet, check_supported, skip_layers
@@ -168,7 +168,7 @@ class LayerSkipDrafter(Drafter):
             scores = sampler.scores(logits[None], ids + tokens, len(ids) + len(tokens))[0]
             choice = sampler.choose(scores)
             tokens.append(choice.token)
-            probs = choice.probs if choice.probs is not None else torch.softmax(scores.float(), -1)
+            probs = draft_probabilities(scores, choice.probs)
             if choice.probs is not None:
                 dists.append(choice.probs)
             confidence.append(float(probs[choice.token]))

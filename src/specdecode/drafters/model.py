@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdecode.drafters.base import Draft, Drafter, StopRule
+from specdecode.drafters.base import Draft, Drafter, StopRule, draft_probabilities
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, ModelSession
 from specdecode.models.timing import synchronize
@@ -57,7 +57,7 @@ class ModelDrafter(Drafter):
             tokens.append(choice.token)
             if choice.probs is not None:
                 dists.append(choice.probs)
-            confidence.append(_probability(choice.token, scores, choice.probs))
+            confidence.append(float(draft_probabilities(scores, choice.probs)[choice.token]))
             if len(tokens) == max_tokens or self._ends(confidence, stop):
                 break
             logits = self.session.forward([choice.token], 1)[-1]
@@ -77,10 +77,3 @@ class ModelDrafter(Drafter):
             "model": self.draft.name,
             "confidence_threshold": self.confidence_threshold,
         }
-
-
-def _probability(token: int, scores: torch.Tensor, probs: torch.Tensor | None) -> float:
-    """The draft's probability of ``token`` after the sampling processors (greedy: of its
-    argmax under the raw scores, i.e. the top probability)."""
-    p = probs if probs is not None else torch.softmax(scores.float(), dim=-1)
-    return float(p[token])

@@ -376,8 +376,8 @@ class CostAwareLength(DraftLength):
         self._accepted = self.decay * self._accepted + verdict.num_accepted
         self._rejected = self.decay * self._rejected + float(verdict.rejected)
         self._confident = len(confidence) == verdict.num_drafted
-        if not self._confident:
-            return
+        if not self._stops_by_confidence():
+            return  # the calibration and rate below serve only the stop rule
         self.calibration.update(confidence, verdict.num_accepted)
         for x in confidence:
             self._token_rate = _moving(self._token_rate, self.calibration.rate(x), self.decay)
