@@ -297,7 +297,7 @@ def test_a_gguf_of_ones_own_converts_to_a_folder(
     data, original = gguf_bytes
     (tmp_path / "mine.gguf").write_bytes(data)
     gguf_to_folder(tmp_path / "mine.gguf", tmp_path / "mine")
-    loaded = load_model(tmp_path / "mine", device="cpu")
+    loaded = load_model(tmp_path / "mine", device="cpu", kernels="torch")  # bit-exact check
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, original(ids).logits)
@@ -311,7 +311,7 @@ def test_a_gguf_file_is_a_model_argument(
     data, original = gguf_bytes
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(data)
-    loaded = load_model(gguf, device="cpu")
+    loaded = load_model(gguf, device="cpu", kernels="torch")  # bit-exact check
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, original(ids).logits)

@@ -5,6 +5,8 @@ Measured directly rather than inferred from whole generations:
 - ``target_step``: one forward pass of the target over 1 new token (a plain decoding step);
 - ``verify[k]``: one forward pass of the target over k + 1 new tokens (the pending token and k
   drafted ones: one verification round), and ``c_v(k) = verify[k] / target_step``;
+- ``torch_target_step``: the plain step again on torch's own kernels, where the target runs on
+  oneDNN's (:mod:`specdecode.models.kernels`) and kept torch's for transformers' modes;
 - ``draft_step[key]``: one call of a drafter proposing 1 token after the target has verified the
   context (for a draft model or a layer-skipped target, one forward pass over 1 token plus the
   sampler; for prompt lookup, one n-gram search), and ``c = draft_step / target_step``.
@@ -25,6 +27,7 @@ import torch
 
 from specdecode.drafters import Drafter
 from specdecode.models import LoadedModel, ModelSession
+from specdecode.models.kernels import TORCH
 from specdecode.models.timing import synchronize
 from specdecode.sampling import SamplingSettings, TokenSampler
 
@@ -48,6 +51,8 @@ class StepCosts:
     target_step: float
     verify: dict[int, float] = field(default_factory=dict)  # k -> seconds for k + 1 tokens
     draft_step: dict[str, float] = field(default_factory=dict)  # drafter key -> seconds
+    kernels: str = "torch"  # the target's linear kernels while these were timed
+    torch_target_step: float | None = None  # the same step on torch's kernels, where different
 
     def verify_cost(self, k: int) -> float | None:
         """c_v(k): a verification round of k drafted tokens relative to one plain step."""
@@ -68,6 +73,8 @@ class StepCosts:
             "verify_cost": {str(k): self.verify_cost(k) for k in sorted(self.verify)},
             "draft_step_seconds": dict(self.draft_step),
             "c": {key: self.c(key) for key in self.draft_step},
+            "kernels": self.kernels,
+            "torch_target_step_seconds": self.torch_target_step,
         }
 
 
@@ -96,6 +103,12 @@ def measure_costs(
         costs.verify[k] = _median_time(
             lambda k=k: _pass(session, tail[: k + 1]), repetitions, target.device
         )
+    costs.kernels = target.kernel_name
+    with target.using_kernels(TORCH, required=False) as kind:
+        if kind != costs.kernels:  # the step transformers' modes took, for the report
+            costs.torch_target_step = _median_time(
+                lambda: _pass(session, tail[:1]), repetitions, target.device
+            )
     session.reset()
     for probe in probes:
         if probe.key not in costs.draft_step:

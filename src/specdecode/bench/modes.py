@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from specdecode.bench.costs import CostProbe
 from specdecode.decoding import GenerationRequest, GenerationStats, SpeculativeGenerator
 from specdecode.models import LoadedModel
+from specdecode.models.kernels import TORCH
 
 REFERENCE = "hf-plain"  # the mode every other is compared with
 
@@ -167,6 +168,16 @@ class TransformersMode(Mode):
         self.cost_probe = cost_probe
 
     def run(self, prompt_ids: list[int], request: GenerationRequest, seed: int) -> ModeOutput:
+        # transformers' modes run on torch's own kernels, as its users get them, where the
+        # models kept them (`specdecode bench` does); ours on the kernels the models were loaded
+        # with (oneDNN by default on the CPU)
+        with ExitStack() as stack:
+            for model in (self.target, self.assistant):
+                if model is not None:
+                    stack.enter_context(model.using_kernels(TORCH, required=False))
+            return self._run(prompt_ids, request, seed)
+
+    def _run(self, prompt_ids: list[int], request: GenerationRequest, seed: int) -> ModeOutput:
         torch.manual_seed(seed)
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.target.device)
         kwargs = {**transformers_kwargs(request, self.target), **self.generate_kwargs}
@@ -192,6 +203,7 @@ class TransformersMode(Mode):
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family, "call": "transformers generate"}
+        out["kernels"] = _kernels_used(self.target)
         out.update(self.generate_kwargs)
         if self.assistant is not None:
             out["assistant_model"] = self.assistant.name
@@ -199,6 +211,12 @@ class TransformersMode(Mode):
             out["assistant_overrides"] = dict(self.overrides)
             out.update(effective_assistant_settings(self.assistant.model, self.overrides))
         return out
+
+
+def _kernels_used(model: LoadedModel) -> str:
+    """The kernels transformers' modes run ``model`` on: torch's where the model kept them."""
+    with model.using_kernels(TORCH, required=False) as kind:
+        return kind
 
 
 def _new_ids(sequences: torch.Tensor, prompt_length: int) -> list[int]:
@@ -230,6 +248,7 @@ class SpecDecodeMode(Mode):
     def describe(self) -> dict[str, Any]:
         drafter = self.generator.drafter
         out: dict[str, Any] = {"family": self.family, "call": "SpeculativeGenerator.generate"}
+        out["kernels"] = self.generator.target.kernel_name
         out["drafter"] = None if drafter is None else drafter.describe()
         out["draft_length"] = self.generator.schedule.describe() if drafter is not None else None
         out.update(self.extra)

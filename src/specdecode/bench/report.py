@@ -203,8 +203,14 @@ def _costs(costs: StepCosts | None) -> str:
         "",
         "| pass | ms | relative to a target step |",
         "|---|---|---|",
-        f"| target, 1 token | {costs.target_step * 1e3:.1f} | 1.00 |",
+        f"| target, 1 token ({costs.kernels} kernels) | {costs.target_step * 1e3:.1f} | 1.00 |",
     ]
+    if costs.torch_target_step is not None:
+        lines.append(
+            f"| target, 1 token (torch kernels, as transformers' modes ran) | "
+            f"{costs.torch_target_step * 1e3:.1f} | "
+            f"{costs.torch_target_step / costs.target_step:.2f} |"
+        )
     for k, seconds in sorted(costs.verify.items()):
         lines.append(
             f"| target, verify k={k} ({k + 1} tokens) | {seconds * 1e3:.1f} | "

@@ -92,11 +92,16 @@ def categories(run: BenchRun) -> list[str]:
 
 
 def summarize(
-    run: BenchRun, costs: StepCosts | None = None, cost_keys: dict[str, str] | None = None
+    run: BenchRun,
+    costs: StepCosts | None = None,
+    cost_keys: dict[str, str] | None = None,
+    plain_of: dict[str, str] | None = None,
 ) -> list[ModeSummary]:
     """One :class:`ModeSummary` per mode and category. ``cost_keys`` maps a mode to its key in
-    ``costs.draft_step``; without ``costs`` the c, c_v and bound columns stay empty."""
-    cost_keys = cost_keys or {}
+    ``costs.draft_step``; without ``costs`` the c, c_v and bound columns stay empty.
+    ``plain_of`` maps a mode to the plain mode its bound is compared with (default: the
+    reference): the bound counts target steps, so the plain mode must run on the same kernels."""
+    cost_keys, plain_of = cost_keys or {}, plain_of or {}
     out = []
     for category in categories(run):
         records = [r for r in run.records if category in (ALL, r.category)]
@@ -106,7 +111,15 @@ def summarize(
             mine = [r for r in records if r.mode == mode]
             summary = _summary(mode, category, mine, reference, ref_aggregate, run.greedy)
             if costs is not None:
-                add_bounds(summary, costs, cost_keys.get(mode))
+                plain = plain_of.get(mode, REFERENCE)
+                over_plain = summary.speedup_median
+                if plain != REFERENCE:
+                    base = _per_prompt_rate([r for r in records if r.mode == plain])
+                    over_plain = statistics.median(
+                        rate / base[p] for p, rate in _per_prompt_rate(mine).items()
+                    )
+                    summary.notes.append(f"efficiency: speedup over {plain} (same kernels)")
+                add_bounds(summary, costs, cost_keys.get(mode), over_plain)
             out.append(summary)
     return out
 
@@ -167,8 +180,12 @@ def _add_acceptance(summary: ModeSummary, items: list[GenerationStats]) -> None:
         summary.draft_time_share = total.draft_seconds / total.total_seconds
 
 
-def add_bounds(summary: ModeSummary, costs: StepCosts, cost_key: str | None) -> None:
-    """Fill c, c_v(k), both bounds and both efficiencies where alpha and c are known."""
+def add_bounds(
+    summary: ModeSummary, costs: StepCosts, cost_key: str | None, speedup: float | None = None
+) -> None:
+    """Fill c, c_v(k), both bounds and both efficiencies where alpha and c are known;
+    ``speedup`` is the measured one to hold against the bounds (default: the summary's)."""
+    speedup = summary.speedup_median if speedup is None else speedup
     summary.c = None if cost_key is None else costs.c(cost_key)
     k = summary.mean_draft_length
     if k is None:
@@ -177,12 +194,12 @@ def add_bounds(summary: ModeSummary, costs: StepCosts, cost_key: str | None) -> 
     if summary.alpha is None or summary.c is None:
         return
     summary.bound_paper = leviathan_speedup(summary.alpha, k, summary.c)
-    summary.efficiency_paper = summary.speedup_median / summary.bound_paper
+    summary.efficiency_paper = speedup / summary.bound_paper
     if summary.verify_cost is not None:
         summary.bound_cost_aware = leviathan_speedup(
             summary.alpha, k, summary.c, summary.verify_cost
         )
-        summary.efficiency_cost_aware = summary.speedup_median / summary.bound_cost_aware
+        summary.efficiency_cost_aware = speedup / summary.bound_cost_aware
 
 
 def _per_prompt_rate(records: list[Record]) -> dict[str, float]:

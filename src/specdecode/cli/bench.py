@@ -30,6 +30,7 @@ from specdecode.bench.stats import ALL
 from specdecode.cli.common import (
     add_model_args,
     add_sampling_args,
+    draft_kernels,
     draft_spec,
     load_target,
     sampling_kwargs,
@@ -158,7 +159,7 @@ def builtin_prompts() -> Path:
 # ----------------------------------------------------------------------------------- running
 def run_bench(args: argparse.Namespace) -> int:
     _check_args(args)
-    target = load_target(args)
+    target = load_target(args, keep_torch_kernels=True)  # transformers' modes run on torch's
     draft = _load_draft(args, target)
     profile = _layer_skip(args)
     layer_skip = None if profile is None else profile.drafter(target)
@@ -211,6 +212,8 @@ def _load_draft(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | 
         dtype=draft_dtype_for(target, args.draft_dtype),
         device=str(target.device),
         threads=args.threads,
+        kernels=draft_kernels(args),
+        keep_torch_kernels=True,
     )
     check_same_vocabulary(target.tokenizer, draft.tokenizer)
     return draft

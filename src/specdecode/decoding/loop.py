@@ -80,7 +80,8 @@ class SpeculativeGenerator:
             self.schedule.use_costs(pass_costs, pad_passes)
         if drafter is not None:
             drafter.bind(self.session)
-        self.vocab_size = int(target.model.get_output_embeddings().weight.shape[0])
+        head = target.model.get_output_embeddings()  # nn.Linear, int8 or oneDNN-packed
+        self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
 
     # ----------------------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:

@@ -150,10 +150,11 @@ def measure_pass_costs(
 
 
 def pass_costs_for(target: LoadedModel, session: ModelSession, context: Sequence[int]) -> PassCosts:
-    """The target's pass costs, measured once per model, precision, device, thread count, CPU
-    and library versions and kept on disk (``$SPECDECODE_HOME/pass-costs/``), so that each new
-    process does not spend ~20 target passes measuring them again. ``SPECDECODE_RECALIBRATE=1``
-    measures anew (e.g. after a calibration taken on a busy machine)."""
+    """The target's pass costs, measured once per model, precision, device, kernels, thread
+    count, CPU and library versions and kept on disk (``$SPECDECODE_HOME/pass-costs/``), so
+    that each new process does not spend ~20 target passes measuring them again.
+    ``SPECDECODE_RECALIBRATE=1`` measures anew (e.g. after a calibration taken on a busy
+    machine)."""
     path = _cost_cache_path(target)
     if os.environ.get("SPECDECODE_RECALIBRATE", "") in ("", "0"):
         cached = _read_costs(path)
@@ -180,6 +181,7 @@ def _cost_cache_path(target: LoadedModel) -> Path:
             target.config_hash(),
             str(target.dtype),
             str(target.device),
+            target.kernel_name,
             torch.get_num_threads(),
             platform.processor() or platform.machine(),
             os.cpu_count(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,15 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError
+from specdecode.models.kernels import (
+    AUTO,
+    ONEDNN,
+    TORCH,
+    KernelError,
+    LinearKernels,
+    choose_kernels,
+    pack_linears,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"  # dynamic int8 quantization of the Linear layers (CPU; for draft models)
@@ -26,6 +37,28 @@ class LoadedModel:
     name: str  # what the user passed (path, file or id)
     dtype: torch.dtype
     device: torch.device
+    kernels: LinearKernels | None = None  # oneDNN-packed linear layers (None: torch's own)
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernels the linear layers run on now: ``onednn`` or ``torch``."""
+        return TORCH if self.kernels is None else self.kernels.active
+
+    @contextmanager
+    def using_kernels(self, kind: str, required: bool = True) -> Iterator[str]:
+        """Run the block with the linear layers on ``kind`` kernels (``torch`` or ``onednn``) and
+        yield the kernels in use. Where the model cannot switch (loaded without
+        ``keep_torch_kernels``), raise :class:`KernelError`, or with ``required=False`` stay on
+        the current ones."""
+        if kind == self.kernel_name or (
+            not required and (self.kernels is None or kind not in self.kernels.available)
+        ):
+            yield self.kernel_name
+            return
+        if self.kernels is None:
+            raise KernelError(f"{self.name} runs on torch's kernels only")
+        with self.kernels.use(kind):
+            yield kind
 
     @property
     def config(self) -> Any:
@@ -107,6 +140,8 @@ def load_model(
     device: str | None = "auto",
     threads: int | None = None,
     trust_remote_code: bool = False,
+    kernels: str = AUTO,
+    keep_torch_kernels: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -114,6 +149,12 @@ def load_model(
     ``gguf`` and ``accelerate`` packages and dequantizes to ``dtype``), a known model name from
     ``specdecode models list`` (pulled on first use) or a hub id (only where the HuggingFace Hub
     is reachable).
+
+    ``kernels`` picks the CPU kernels of the linear layers (:mod:`specdecode.models.kernels`):
+    ``auto`` packs float32 and bfloat16 CPU models for oneDNN, whose batched products make a
+    verification pass cost about one plain step; ``torch`` keeps torch's defaults.
+    ``keep_torch_kernels`` keeps the unpacked layers too (twice the weights' memory), so that
+    ``model.kernels.use("torch")`` can switch back, as the benchmark does for transformers' modes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,7 +197,17 @@ def load_model(
     model.eval()
     if quantize:
         model, torch_dtype = quantize_linear_int8(model), torch.qint8
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, dtype=torch_dtype, device=dev)
+    linear_kernels = None
+    if choose_kernels(kernels, dev, torch_dtype) == ONEDNN:
+        linear_kernels = pack_linears(model, keep_originals=keep_torch_kernels)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=spec,
+        dtype=torch_dtype,
+        device=dev,
+        kernels=linear_kernels,
+    )
 
 
 def quantize_linear_int8(model: Any) -> Any:
