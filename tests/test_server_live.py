@@ -84,6 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     command = [
         sys.executable, "-m", "specdecode.cli.main", "serve",
         "--target", str(models / "target"), "--draft", str(models / "draft"), "-k", "4",
+        "--draft-schedule", "constant",  # the auto schedule may stop drafting on these timings
         "--threads", "1", "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", MODEL, "--max-queue", str(MAX_QUEUE), "--timeout", "60",
         "--log-level", "warning",
