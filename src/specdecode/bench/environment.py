@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from specdecode.models.machine import cpu_name
+
 _LIBRARIES = ("specdecode", "torch", "transformers", "tokenizers", "numpy", "accelerate")
 
 
@@ -46,7 +48,7 @@ def capture_environment() -> Environment:
         python=platform.python_version(),
         libraries={name: _version(name) for name in _LIBRARIES},
         platform=platform.platform(),
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_name(),
         cpu_cores=os.cpu_count(),
         cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         torch_threads=torch.get_num_threads(),
@@ -81,13 +83,3 @@ def _git(folder: Path, *args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

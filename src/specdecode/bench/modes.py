@@ -248,7 +248,10 @@ class SpecDecodeMode(Mode):
     def describe(self) -> dict[str, Any]:
         drafter = self.generator.drafter
         out: dict[str, Any] = {"family": self.family, "call": "SpeculativeGenerator.generate"}
-        out["kernels"] = self.generator.target.kernel_name
+        target = self.generator.target
+        out["kernels"] = target.kernel_name
+        if target.kernels is not None and target.kernels.row_padding():
+            out["row_padding"] = target.kernels.row_padding()
         out["drafter"] = None if drafter is None else drafter.describe()
         out["draft_length"] = self.generator.schedule.describe() if drafter is not None else None
         out.update(self.extra)

@@ -17,10 +17,7 @@ makes it with a short micro-benchmark on a live :class:`ModelSession`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -33,6 +30,7 @@ from transformers import DynamicCache
 
 from specdecode.models.cache import RollbackLayer
 from specdecode.models.loading import LoadedModel
+from specdecode.models.machine import cache_file, cpu_name, read_cached, recalibrating, write_cached
 from specdecode.models.session import ModelSession
 from specdecode.models.timing import synchronize
 
@@ -156,48 +154,41 @@ def pass_costs_for(target: LoadedModel, session: ModelSession, context: Sequence
     ``SPECDECODE_RECALIBRATE=1`` measures anew (e.g. after a calibration taken on a busy
     machine)."""
     path = _cost_cache_path(target)
-    if os.environ.get("SPECDECODE_RECALIBRATE", "") in ("", "0"):
+    if not recalibrating():
         cached = _read_costs(path)
         if cached is not None:
             return cached
     costs = measure_pass_costs(session, context)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(costs.to_dict()))
-        partial.replace(path)  # atomic: a reader never sees half a file
-    except OSError:  # a read-only cache only costs a new measurement next time
-        pass
+    write_cached(path, costs.to_dict())
     return costs
 
 
 def _cost_cache_path(target: LoadedModel) -> Path:
     import transformers
 
-    from specdecode.models.pull import specdecode_home
-
-    key = json.dumps(
+    return cache_file(
+        "pass-costs",
         [
             target.config_hash(),
             str(target.dtype),
             str(target.device),
             target.kernel_name,
+            None if target.kernels is None else target.kernels.row_padding(),
             torch.get_num_threads(),
-            platform.processor() or platform.machine(),
+            cpu_name(),
             os.cpu_count(),
             torch.__version__,
             transformers.__version__,
             DEFAULT_SIZES,
-        ]
+        ],
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return specdecode_home() / "pass-costs" / f"{digest}.json"
 
 
 def _read_costs(path: Path) -> PassCosts | None:
+    data = read_cached(path)
     try:
-        return PassCosts.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return None if data is None else PassCosts.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -56,6 +56,9 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, batch_hint: int = DEFAULT_BATCH_HINT) -> None:
         super().__init__()
         self.batch_hint = batch_hint
+        # rows -> the larger row count to compute them as, where oneDNN runs that faster (set by
+        # specdecode.models.row_padding; empty: every product as it comes)
+        self.pad_rows: dict[int, int] = {}
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.dtype = linear.weight.dtype
@@ -67,10 +70,14 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in): every leading dimension flattened
+        n = rows.shape[0]
+        padded = self.pad_rows.get(n, n)
+        if padded > n:  # zero rows below the real ones; each output row depends on its own only
+            rows = nn.functional.pad(rows, (0, 0, 0, padded - n))
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
             rows, self.packed, self.bias, "none", [], ""
         )
-        return y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        return y[:n].reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -85,12 +92,15 @@ class PackedLinear(nn.Module):
             dense.weight = nn.Parameter(self.weight, requires_grad=False)
             if self.bias is not None:
                 dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        return PackedLinear(dense, self.batch_hint)
+        copied = PackedLinear(dense, self.batch_hint)
+        copied.pad_rows = dict(self.pad_rows)
+        return copied
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, dtype={self.dtype}, kernels=onednn"
+            + (f", pad_rows={self.pad_rows}" if self.pad_rows else "")
         )
 
 
@@ -128,6 +138,15 @@ class LinearKernels:
         for (parent, attr), module in modules.items():
             setattr(self.model.get_submodule(parent), attr, module)
         self.active = kind
+
+    def row_padding(self) -> dict[str, dict[int, int]]:
+        """Each padded layer shape ("out x in") and its row padding (see
+        :mod:`specdecode.models.row_padding`); shapes computed as they come are left out."""
+        shapes = {}
+        for module in self.packed.values():
+            if isinstance(module, PackedLinear) and module.pad_rows:
+                shapes[f"{module.out_features} x {module.in_features}"] = dict(module.pad_rows)
+        return dict(sorted(shapes.items()))
 
     @contextmanager
     def use(self, kind: str) -> Iterator[LinearKernels]:
@@ -214,4 +233,11 @@ def describe(kernels: LinearKernels | None) -> dict[str, Any]:
     """What to record beside timings."""
     if kernels is None:
         return {"active": TORCH, "packed_layers": 0}
-    return {"active": kernels.active, "packed_layers": len(kernels.packed)}
+    return {
+        "active": kernels.active,
+        "packed_layers": len(kernels.packed),
+        "row_padding": {
+            shape: {str(n): m for n, m in pad.items()}
+            for shape, pad in kernels.row_padding().items()
+        },
+    }

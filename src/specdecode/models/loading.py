@@ -23,6 +23,7 @@ from specdecode.models.kernels import (
     choose_kernels,
     pack_linears,
 )
+from specdecode.models.row_padding import tune_row_padding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"  # dynamic int8 quantization of the Linear layers (CPU; for draft models)
@@ -142,6 +143,7 @@ def load_model(
     trust_remote_code: bool = False,
     kernels: str = AUTO,
     keep_torch_kernels: bool = False,
+    pad_rows: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -155,6 +157,9 @@ def load_model(
     verification pass cost about one plain step; ``torch`` keeps torch's defaults.
     ``keep_torch_kernels`` keeps the unpacked layers too (twice the weights' memory), so that
     ``model.kernels.use("torch")`` can switch back, as the benchmark does for transformers' modes.
+    ``pad_rows`` (oneDNN only) computes products of a few rows as the taller ones this machine
+    runs faster, measured once per machine and layer shape
+    (:mod:`specdecode.models.row_padding`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,6 +205,8 @@ def load_model(
     linear_kernels = None
     if choose_kernels(kernels, dev, torch_dtype) == ONEDNN:
         linear_kernels = pack_linears(model, keep_originals=keep_torch_kernels)
+        if pad_rows:
+            tune_row_padding(linear_kernels)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -29,6 +29,7 @@ from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.errors import ProfileMismatchError, SkipProfileError
 from specdecode.models import LoadedModel
 from specdecode.models.layerskip import SkipSet
+from specdecode.models.machine import cpu_name
 
 FORMAT = "specdecode-skip-profile"
 VERSION = 1
@@ -178,7 +179,7 @@ def drafter_from_profile(path: str | Path, model: LoadedModel) -> LayerSkipDraft
 
 def machine_description() -> str:
     """CPU (or GPU) model and core count, for the record."""
-    cpu = _cpu_model() or platform.processor() or platform.machine()
+    cpu = cpu_name()
     text = f"{cpu}, {_cpu_count()} cores, {platform.system()} {platform.release()}"
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name(0)}"
@@ -203,16 +204,6 @@ def library_versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 def _cpu_count() -> int:
