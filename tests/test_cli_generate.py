@@ -34,6 +34,7 @@ def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
         ["--draft", "perturbed"],  # int8 draft, auto schedule: the defaults
         ["--draft", "perturbed", "--confidence-stop"],
         ["--draft", "perturbed", "--draft-dtype", "float32", "--draft-schedule", "constant"],
+        ["--draft", "perturbed", "--kv-cache", "static"],  # int8 draft on a static cache too
     ],
 )
 def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdecode.drafters import Drafter
-from specdecode.models import LoadedModel, ModelSession
+from specdecode.models import LoadedModel, Session
 from specdecode.models.kernels import TORCH
 from specdecode.models.timing import synchronize
 from specdecode.sampling import SamplingSettings, TokenSampler
@@ -39,7 +39,7 @@ class CostProbe:
 
     key: str  # modes whose drafts cost the same share a key (measured once)
     drafter: Drafter
-    session: ModelSession | None = None
+    session: Session | None = None
 
 
 @dataclass
@@ -92,7 +92,7 @@ def measure_costs(
     if len(ids) < width + 1:
         raise ValueError(f"the cost context needs at least {width + 1} tokens, got {len(ids)}")
     prefix, tail = ids[:-width], ids[-width:]
-    session = ModelSession(target.model)
+    session = target.new_session()
     session.forward(prefix, 1)
     costs = StepCosts(
         context_tokens=len(prefix),
@@ -136,7 +136,7 @@ def drafter_step_seconds(
     return _median_time(lambda: probe.drafter.propose(ids, 1, sampler), repetitions, device)
 
 
-def _pass(session: ModelSession, tokens: list[int]) -> None:
+def _pass(session: Session, tokens: list[int]) -> None:
     """One forward pass over ``tokens``, then roll the cache back to where it was."""
     length = session.length
     session.forward(tokens, len(tokens))

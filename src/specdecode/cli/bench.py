@@ -34,6 +34,7 @@ from specdecode.cli.common import (
     draft_spec,
     load_target,
     sampling_kwargs,
+    session_kind,
     target_spec,
 )
 from specdecode.decoding import SpeculativeGenerator
@@ -214,6 +215,7 @@ def _load_draft(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | 
         threads=args.threads,
         kernels=draft_kernels(args),
         keep_torch_kernels=True,
+        session_kind=session_kind(args),
     )
     check_same_vocabulary(target.tokenizer, draft.tokenizer)
     return draft

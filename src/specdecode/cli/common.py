@@ -9,6 +9,7 @@ from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
 from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.models.kernels import AUTO, KERNEL_CHOICES, ONEDNN
+from specdecode.models.loading import DYNAMIC, SESSION_KINDS
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
@@ -38,6 +39,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="linear-layer kernels on the CPU: auto (default) = oneDNN on weights packed once, "
         "for float32/bfloat16 models, where a verification pass of up to 16 tokens costs about "
         "one plain step (torch's default costs about two); torch = torch's defaults",
+    )
+    group.add_argument(
+        "--kv-cache",
+        default=DYNAMIC,
+        choices=list(SESSION_KINDS),
+        help="how decoding holds the KV cache: dynamic (default) = grown as needed, rollback "
+        "free; static = preallocated; compiled = static, with decoding and verification passes "
+        "through torch.compile (CUDA graphs on a GPU; the first passes of each size compile). "
+        "Layer skipping needs dynamic",
     )
 
 
@@ -171,7 +181,13 @@ def load_target(args: argparse.Namespace, keep_torch_kernels: bool = False) -> L
         threads=args.threads,
         kernels=args.cpu_kernels,
         keep_torch_kernels=keep_torch_kernels,
+        session_kind=session_kind(args),
     )
+
+
+def session_kind(args: argparse.Namespace) -> str:
+    """The --kv-cache asked (``dynamic`` where the command has no such option)."""
+    return str(getattr(args, "kv_cache", DYNAMIC))
 
 
 def draft_kernels(args: argparse.Namespace) -> str:
@@ -193,6 +209,7 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
             device=str(target.device),
             threads=args.threads,
             kernels=draft_kernels(args),
+            session_kind=session_kind(args),
         )
         check_same_vocabulary(target.tokenizer, draft.tokenizer)
         return ModelDrafter(draft, confidence_threshold=args.confidence_threshold)

@@ -30,11 +30,14 @@ from specdecode.decoding.text import TextStream
 from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
 from specdecode.errors import PromptError
-from specdecode.models import LoadedModel, ModelSession
+from specdecode.models import LoadedModel, Session
 from specdecode.models.costs import PassCosts, can_pad, pass_costs_for
 from specdecode.models.timing import synchronize
 from specdecode.sampling import SeededSampler, TokenSampler, greedy, to_probs
 from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative_sample
+
+# positions reserved beyond prompt + max_new_tokens: a padded pass's filler (at most 16 tokens)
+PASS_SLACK = 32
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -72,7 +75,7 @@ class SpeculativeGenerator:
         self.target = target
         self.drafter = drafter
         self.schedule = FixedLength(draft_length) if isinstance(draft_length, int) else draft_length
-        self.session = ModelSession(target.model)
+        self.session: Session = target.new_session()
         self.pass_costs = pass_costs
         self.pad_passes = pad_passes
         self.last_pass_size = 0  # tokens fed in the latest target pass, filler included
@@ -188,8 +191,11 @@ class SpeculativeGenerator:
             self._calibrate(ids)
         self.session.reset()
         self.schedule.reset()
+        positions = len(ids) + request.max_new_tokens + PASS_SLACK
+        self.session.reserve(positions)
         if self.drafter is not None:
             self.drafter.begin(ids)
+            self.drafter.reserve(positions)
         start = time.perf_counter()
 
         # Prefill: the prompt in one pass gives the first token.

@@ -17,7 +17,7 @@ from specdecode.sampling import TokenSampler
 from specdecode.verify import Verdict
 
 if TYPE_CHECKING:
-    from specdecode.models import ModelSession
+    from specdecode.models import Session
 
 
 StopRule = Callable[[Sequence[float]], bool]
@@ -62,7 +62,7 @@ class Drafter(ABC):
 
     name: str = "drafter"
 
-    def bind(self, target: ModelSession) -> None:  # noqa: B027 - optional hook
+    def bind(self, target: Session) -> None:  # noqa: B027 - optional hook
         """Called once by the loop with the target's session, before any sequence.
 
         Only drafters that run on the target itself (layer skipping) need it: they share the
@@ -71,6 +71,10 @@ class Drafter(ABC):
 
     def begin(self, prompt_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Start a new sequence (drop state left from the previous one)."""
+
+    def reserve(self, positions: int) -> None:  # noqa: B027 - optional hook
+        """The sequence will hold at most ``positions`` positions (drafters with a preallocated
+        cache size it now)."""
 
     @abstractmethod
     def propose(

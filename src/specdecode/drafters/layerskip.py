@@ -22,7 +22,7 @@ import torch
 
 from specdecode.drafters.base import Draft, Drafter, StopRule, draft_probabilities
 from specdecode.errors import InvalidSettingsError
-from specdecode.models import LoadedModel, ModelSession
+from specdecode.models import LoadedModel, ModelSession, Session
 from specdecode.models.layerskip import SkipSet, check_supported, skip_layers
 from specdecode.models.timing import synchronize
 from specdecode.sampling import TokenSampler
@@ -113,7 +113,12 @@ class LayerSkipDrafter(Drafter):
         self.session: ModelSession | None = None
         self._asked = 0  # k of the last proposal
 
-    def bind(self, target: ModelSession) -> None:
+    def bind(self, target: Session) -> None:
+        if not isinstance(target, ModelSession):
+            raise InvalidSettingsError(
+                "layer skipping drafts on the target's dynamic KV cache: load the target with "
+                "session_kind='dynamic' (without --static-cache or --compile)"
+            )
         if target.model is not self.target.model:
             raise InvalidSettingsError(
                 "a layer-skip drafter drafts with its target: build it with the same model "

@@ -9,7 +9,7 @@ import torch
 
 from specdecode.drafters.base import Draft, Drafter, StopRule, draft_probabilities
 from specdecode.errors import InvalidSettingsError
-from specdecode.models import LoadedModel, ModelSession
+from specdecode.models import LoadedModel
 from specdecode.models.timing import synchronize
 from specdecode.sampling import TokenSampler
 
@@ -33,10 +33,13 @@ class ModelDrafter(Drafter):
             )
         self.draft = draft
         self.confidence_threshold = confidence_threshold
-        self.session = ModelSession(draft.model)
+        self.session = draft.new_session()
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.session.reset()
+
+    def reserve(self, positions: int) -> None:
+        self.session.reserve(positions)
 
     def propose(
         self,

@@ -12,7 +12,7 @@ row counts much better than others. Measured on a 2-core CPU with Qwen2.5-Coder-
   :mod:`specdecode.drafters.schedule`).
 
 :class:`PassCosts` is that table (relative to a one-token pass); :func:`measure_pass_costs`
-makes it with a short micro-benchmark on a live :class:`ModelSession`.
+makes it with a short micro-benchmark on a live session.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
+from transformers.cache_utils import StaticLayer
 
 from specdecode.models.cache import RollbackLayer
 from specdecode.models.loading import LoadedModel
 from specdecode.models.machine import cache_file, cpu_name, read_cached, recalibrating, write_cached
-from specdecode.models.session import ModelSession
+from specdecode.models.session import Session
 from specdecode.models.timing import synchronize
 
 # Pass sizes timed by default: the usual fast shapes and their neighbours. Unlisted sizes are
@@ -105,7 +106,7 @@ class PassCosts:
 
 
 def measure_pass_costs(
-    session: ModelSession,
+    session: Session,
     context: Sequence[int],
     sizes: Sequence[int] = DEFAULT_SIZES,
     repetitions: int = 2,
@@ -147,7 +148,7 @@ def measure_pass_costs(
     )
 
 
-def pass_costs_for(target: LoadedModel, session: ModelSession, context: Sequence[int]) -> PassCosts:
+def pass_costs_for(target: LoadedModel, session: Session, context: Sequence[int]) -> PassCosts:
     """The target's pass costs, measured once per model, precision, device, kernels, thread
     count, CPU and library versions and kept on disk (``$SPECDECODE_HOME/pass-costs/``), so
     that each new process does not spend ~20 target passes measuring them again.
@@ -173,6 +174,7 @@ def _cost_cache_path(target: LoadedModel) -> Path:
             str(target.dtype),
             str(target.device),
             target.kernel_name,
+            target.session_kind,
             None if target.kernels is None else target.kernels.row_padding(),
             torch.get_num_threads(),
             cpu_name(),
@@ -192,7 +194,10 @@ def _read_costs(path: Path) -> PassCosts | None:
         return None
 
 
-def can_pad(cache: DynamicCache) -> bool:
+def can_pad(cache: Cache) -> bool:
     """Whether filler may be fed and rolled back: only where every layer is a
-    :class:`RollbackLayer` (a sliding-window layer may evict real entries for the filler)."""
-    return bool(cache.layers) and all(isinstance(layer, RollbackLayer) for layer in cache.layers)
+    :class:`RollbackLayer` or a full-attention static layer (a sliding-window layer may evict
+    real entries for the filler)."""
+    return bool(cache.layers) and all(
+        isinstance(layer, RollbackLayer) or type(layer) is StaticLayer for layer in cache.layers
+    )

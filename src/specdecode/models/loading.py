@@ -28,6 +28,12 @@ from specdecode.models.row_padding import tune_row_padding
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"  # dynamic int8 quantization of the Linear layers (CPU; for draft models)
 
+# How a model's sessions hold the KV cache (see LoadedModel.new_session)
+DYNAMIC = "dynamic"  # our rollback cache, grown as needed; eager passes (the default)
+STATIC = "static"  # preallocated static cache; eager passes
+COMPILED = "compiled"  # static cache, short passes through torch.compile (CUDA graphs on GPU)
+SESSION_KINDS = (DYNAMIC, STATIC, COMPILED)
+
 
 @dataclass
 class LoadedModel:
@@ -39,6 +45,22 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     kernels: LinearKernels | None = None  # oneDNN-packed linear layers (None: torch's own)
+    session_kind: str = DYNAMIC  # how sessions hold the KV cache: dynamic, static or compiled
+    compile_backend: str = "inductor"  # torch.compile's backend for compiled sessions
+
+    def new_session(self) -> Any:
+        """A session (one sequence and its KV cache) on this model, of ``session_kind``:
+        :class:`~specdecode.models.session.ModelSession` for ``dynamic``,
+        :class:`~specdecode.models.static_session.StaticSession` otherwise."""
+        if self.session_kind == DYNAMIC:
+            from specdecode.models.session import ModelSession
+
+            return ModelSession(self.model)
+        from specdecode.models.static_session import StaticSession
+
+        return StaticSession(
+            self.model, compiled=self.session_kind == COMPILED, backend=self.compile_backend
+        )
 
     @property
     def kernel_name(self) -> str:
@@ -144,6 +166,8 @@ def load_model(
     kernels: str = AUTO,
     keep_torch_kernels: bool = False,
     pad_rows: bool = True,
+    session_kind: str = DYNAMIC,
+    compile_backend: str = "inductor",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -160,8 +184,18 @@ def load_model(
     ``pad_rows`` (oneDNN only) computes products of a few rows as the taller ones this machine
     runs faster, measured once per machine and layer shape
     (:mod:`specdecode.models.row_padding`).
+
+    ``session_kind`` picks how decoding holds the KV cache: ``dynamic`` (our rollback cache, the
+    default), ``static`` (preallocated) or ``compiled`` (static, with short passes through
+    ``torch.compile(mode="reduce-overhead")``: CUDA graphs on a GPU;
+    :mod:`specdecode.models.static_session`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if session_kind not in SESSION_KINDS:
+        raise ModelLoadError(
+            f"unknown session kind {session_kind!r}: choose one of {', '.join(SESSION_KINDS)}"
+        )
 
     set_threads(threads)
     dev = resolve_device(device)
@@ -202,6 +236,13 @@ def load_model(
     model.eval()
     if quantize:
         model, torch_dtype = quantize_linear_int8(model), torch.qint8
+    if session_kind == COMPILED and dev.type == "cpu":
+        if kernels == ONEDNN:  # inductor cannot lower products on weights packed outside it
+            raise ModelLoadError(
+                "compiled sessions cannot run on oneDNN-packed weights: use --cpu-kernels "
+                "auto or torch with --kv-cache compiled (torch.compile packs its own)"
+            )
+        kernels = TORCH
     linear_kernels = None
     if choose_kernels(kernels, dev, torch_dtype) == ONEDNN:
         linear_kernels = pack_linears(model, keep_originals=keep_torch_kernels)
@@ -214,6 +255,8 @@ def load_model(
         dtype=torch_dtype,
         device=dev,
         kernels=linear_kernels,
+        session_kind=session_kind,
+        compile_backend=compile_backend,
     )
 
 

@@ -4,13 +4,63 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 from specdecode.models.cache import make_cache, reset_cache, truncate_cache
 
 
-class ModelSession:
+class Session(Protocol):
+    """What the decoding loop and the drafters use of a session: :class:`ModelSession` (dynamic
+    cache) or :class:`~specdecode.models.static_session.StaticSession` (static, compiled)."""
+
+    model: Any
+    device: torch.device
+    cache: Any
+    ids: list[int]
+
+    @property
+    def length(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+    def truncate(self, length: int) -> None: ...
+
+    def sync(self, ids: Sequence[int]) -> list[int]: ...
+
+    def reserve(self, positions: int) -> None: ...
+
+    def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor: ...
+
+
+class SequenceSession:
+    """What every session shares: the ids its cache holds, and rolling back to a prefix."""
+
+    ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def truncate(self, length: int) -> None:  # pragma: no cover - each session has its own
+        raise NotImplementedError
+
+    def sync(self, ids: Sequence[int]) -> list[int]:
+        """Roll back to the longest common prefix with ``ids``; return the ids still to feed.
+
+        At least one id is always returned (so the caller gets logits for the last position).
+        """
+        common = 0
+        limit = min(len(self.ids), len(ids))
+        while common < limit and self.ids[common] == ids[common]:
+            common += 1
+        common = min(common, len(ids) - 1)
+        self.truncate(common)
+        return list(ids[common:])
+
+
+class ModelSession(SequenceSession):
     """Feeds token ids to a causal LM, keeping its KV cache in step with ``self.ids``.
 
     The cache always holds exactly the positions of ``self.ids``. ``forward`` appends,
@@ -26,10 +76,6 @@ class ModelSession:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
 
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
     def reset(self) -> None:
         reset_cache(self.cache)
         self.ids = []
@@ -40,18 +86,8 @@ class ModelSession:
             truncate_cache(self.cache, length)
             del self.ids[length:]
 
-    def sync(self, ids: Sequence[int]) -> list[int]:
-        """Roll back to the longest common prefix with ``ids``; return the ids still to feed.
-
-        At least one id is always returned (so the caller gets logits for the last position).
-        """
-        common = 0
-        limit = min(len(self.ids), len(ids))
-        while common < limit and self.ids[common] == ids[common]:
-            common += 1
-        common = min(common, len(ids) - 1)
-        self.truncate(common)
-        return list(ids[common:])
+    def reserve(self, positions: int) -> None:
+        """Room for ``positions`` positions: nothing to do, this cache grows by doubling."""
 
     @torch.inference_mode()
     def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor:

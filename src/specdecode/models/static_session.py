@@ -1,0 +1,181 @@
+"""A session on a static KV cache, optionally compiled: the GPU's fast path.
+
+On a GPU a 1-2B model's decoding step is a few milliseconds of weight reads spread over hundreds
+of small kernels; launched one by one from Python (transformers' eager path), the launches, not
+the memory, set the pace. The cure (gpt-fast, transformers' ``cache_implementation="static"``)
+is fixed shapes: a KV cache preallocated to a capacity, so that a pass of n tokens has the same
+tensors every time, and ``torch.compile(mode="reduce-overhead")``, which records each such pass
+once as a CUDA graph and replays it with one launch.
+
+:class:`StaticSession` keeps :class:`~specdecode.models.session.ModelSession`'s interface, so the
+decoding loop and the drafters use either. Rolling back is free as in our dynamic cache: the
+cache's length is one device tensor per layer, moved in place; stale entries past it are masked
+out by the causal mask and overwritten by the next pass. Only passes of up to
+:data:`MAX_COMPILED_TOKENS` tokens (decoding steps and verification passes) are compiled, one
+graph per (tokens, logits kept); a prefill of any other length runs eagerly on the same cache.
+When the sequence outgrows the capacity, the cache is reallocated at twice the size and its
+entries copied (compiled passes then recompile once for the new buffers): :meth:`reserve`
+sizes it up front.
+
+Outputs of a CUDA-graph replay live in buffers that the next replay overwrites, so the logits
+are cloned before they are returned.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from specdecode.errors import InvalidSettingsError
+from specdecode.models.session import SequenceSession
+
+log = logging.getLogger(__name__)
+
+MIN_CAPACITY = 256  # positions; capacities are multiples of this
+MAX_COMPILED_TOKENS = 32  # passes of more tokens (prefills) run eagerly
+COMPILE_MODE = "reduce-overhead"  # CUDA graphs on a GPU; inductor's kernels on a CPU
+DYNAMO_CACHE_LIMIT = 64  # compiled variants per function: pass sizes x models sharing a class
+
+
+class StaticSession(SequenceSession):
+    """Feeds token ids to a causal LM over a preallocated (static) KV cache.
+
+    Args:
+        model: a causal LM with full attention in every layer.
+        capacity: positions to preallocate (rounded up to a multiple of 256); grown on demand.
+        compiled: run passes of up to :data:`MAX_COMPILED_TOKENS` tokens through
+            ``torch.compile`` (CUDA graphs on a GPU).
+        backend: the ``torch.compile`` backend (``inductor``; ``eager`` or ``aot_eager`` check
+            the tracing without generating code, as the tests do).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        capacity: int = MIN_CAPACITY,
+        compiled: bool = False,
+        backend: str = "inductor",
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.config = model.config
+        self.ids: list[int] = []
+        self.compiled = compiled
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._max_context = _context_limit(model.config)
+        self.cache, self._layers = self._new_cache(_round_capacity(capacity))
+        self._forward: Callable[..., Any] = model
+        if compiled:
+            import torch._dynamo
+
+            dynamo_config: Any = torch._dynamo.config
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, DYNAMO_CACHE_LIMIT)
+            limit = getattr(dynamo_config, "accumulated_cache_size_limit", 0)
+            dynamo_config.accumulated_cache_size_limit = max(limit, 4 * DYNAMO_CACHE_LIMIT)
+            options: dict[str, Any] = {"backend": backend, "dynamic": False}
+            if backend == "inductor":
+                options["mode"] = COMPILE_MODE
+            self._forward = torch.compile(model, **options)
+
+    # ------------------------------------------------------------------ the session interface
+    @property
+    def capacity(self) -> int:
+        return int(self._layers[0].max_cache_len)
+
+    def reset(self) -> None:
+        self.ids = []
+        self._set_length(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` positions (moves one counter per layer)."""
+        if length < len(self.ids):
+            del self.ids[length:]
+            self._set_length(length)
+
+    def reserve(self, positions: int) -> None:
+        """Make room for ``positions`` positions now (at most the model's context), rather than
+        growing mid-sequence."""
+        if self._max_context is not None:
+            positions = min(positions, self._max_context)
+        if positions > self.capacity:
+            self._grow(positions)
+
+    @torch.inference_mode()
+    def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor:
+        """Run ``new_ids`` through the model; return the logits (num_logits, V) of the last ones."""
+        if not new_ids:
+            raise ValueError("forward needs at least one token")
+        n = len(new_ids)
+        start = self.length
+        if start + n > self.capacity:
+            self._grow(start + n)
+        input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, dtype=torch.long, device=self.device)[None]
+        kwargs: dict[str, Any] = {
+            self._cache_kwarg: self.cache,
+            "use_cache": True,
+            "position_ids": positions,
+        }
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = num_logits
+        run = self._forward if self.compiled and n <= MAX_COMPILED_TOKENS else self.model
+        out = run(input_ids=input_ids, **kwargs)
+        self.ids.extend(int(i) for i in new_ids)
+        logits: torch.Tensor = out.logits[0, -num_logits:, :]
+        # a replayed CUDA graph's outputs are overwritten by its next replay
+        return logits.clone() if run is not self.model else logits
+
+    # ------------------------------------------------------------------ the cache
+    def _new_cache(self, capacity: int) -> tuple[StaticCache, list[StaticLayer]]:
+        if self._max_context is not None and capacity > self._max_context:
+            capacity = max(self._max_context, 1)
+        cache = StaticCache(config=self.config, max_cache_len=capacity)
+        layers = [layer for layer in cache.layers if type(layer) is StaticLayer]
+        if not layers or len(layers) != len(cache.layers):
+            raise InvalidSettingsError(
+                "the static cache supports models with full attention in every layer; this "
+                "model has sliding-window or other layers: use --kv-cache dynamic"
+            )
+        return cache, layers
+
+    def _grow(self, positions: int) -> None:
+        if self._max_context is not None and positions > self._max_context:
+            raise InvalidSettingsError(
+                f"the sequence needs {positions} positions but the model's context holds "
+                f"{self._max_context}: shorten the prompt or max_new_tokens"
+            )
+        capacity = _round_capacity(max(positions, 2 * self.capacity))
+        log.info("static KV cache grows from %d to %d positions", self.capacity, capacity)
+        old, length = self._layers, self.length
+        self.cache, self._layers = self._new_cache(capacity)
+        if length:
+            for before, after in zip(old, self._layers, strict=True):
+                if before.keys is None or before.values is None:  # pragma: no cover
+                    raise RuntimeError("a static cache layer holds positions but no buffers")
+                keys, values = before.keys[..., :length, :], before.values[..., :length, :]
+                after.update(keys, values)  # allocates the buffers, copies, sets the length
+        self._set_length(length)
+
+    @torch.inference_mode()  # the buffers are made inside forward's inference mode
+    def _set_length(self, length: int) -> None:
+        for layer in self._layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)  # in place: the address stays static
+
+
+def _round_capacity(positions: int) -> int:
+    return max(MIN_CAPACITY, -(-positions // MIN_CAPACITY) * MIN_CAPACITY)
+
+
+def _context_limit(config: Any) -> int | None:
+    from specdecode.models.loading import context_length
+
+    return context_length(config)
