@@ -93,7 +93,8 @@ def test_greedy_identity_on_static_and_compiled_sessions(tiny, arch, kind):
 
 
 def test_compiled_session_runs_short_passes_through_torch_compile(tiny):
-    """Passes of up to 32 tokens go through the compiled model; a longer prefill runs eagerly."""
+    """Passes of up to 32 tokens go through the compiled model, fed as the next power of two
+    tokens; a longer prefill runs eagerly."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -109,8 +110,11 @@ def test_compiled_session_runs_short_passes_through_torch_compile(tiny):
     session._forward = counting
     session.forward(list(range(3, 60)))  # 57 tokens: eager
     session.forward([5], 1)
-    session.forward([6, 7, 8], 3)
-    assert calls == [1, 3]
+    logits = session.forward([6, 7, 8], 2)  # fed as 4 tokens, the filler rolled back
+    session.forward([9, 10, 11, 12, 13], 1)  # as 8
+    assert calls == [1, 4, 8]
+    assert logits.shape[0] == 2 and session.length == 57 + 1 + 3 + 5
+    assert session._layers[0].cumulative_length.item() == session.length
     _same_logits(
         ModelSession(model),
         StaticSession(model, compiled=True, backend="eager"),

@@ -11,8 +11,9 @@ once as a CUDA graph and replays it with one launch.
 decoding loop and the drafters use either. Rolling back is free as in our dynamic cache: the
 cache's length is one device tensor per layer, moved in place; stale entries past it are masked
 out by the causal mask and overwritten by the next pass. Only passes of up to
-:data:`MAX_COMPILED_TOKENS` tokens (decoding steps and verification passes) are compiled, one
-graph per (tokens, logits kept); a prefill of any other length runs eagerly on the same cache.
+:data:`MAX_COMPILED_TOKENS` tokens (decoding steps and verification passes) are compiled, each
+fed as the next power of two tokens (filler after the real ones, rolled back at once), so that a
+model compiles at most six shapes; a longer prefill runs eagerly on the same cache.
 When the sequence outgrows the capacity, the cache is reallocated at twice the size and its
 entries copied (compiled passes then recompile once for the new buffers): :meth:`reserve`
 sizes it up front.
@@ -110,28 +111,40 @@ class StaticSession(SequenceSession):
 
     @torch.inference_mode()
     def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor:
-        """Run ``new_ids`` through the model; return the logits (num_logits, V) of the last ones."""
+        """Run ``new_ids`` through the model; return the logits (num_logits, V) of the last ones.
+
+        A compiled pass is fed as the next power of two tokens (filler copies of the last one
+        after the real ones, so causal attention keeps them from the real positions' logits,
+        and rolled back at once), so that each model compiles at most six pass shapes."""
         if not new_ids:
             raise ValueError("forward needs at least one token")
-        n = len(new_ids)
-        start = self.length
-        if start + n > self.capacity:
-            self._grow(start + n)
-        input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + n, dtype=torch.long, device=self.device)[None]
+        if not 1 <= num_logits <= len(new_ids):
+            raise ValueError(f"num_logits must be in [1, {len(new_ids)}], got {num_logits}")
+        n, start = len(new_ids), self.length
+        size = _bucket(n) if self.compiled and n <= MAX_COMPILED_TOKENS else n
+        if self._max_context is not None and start + size > self._max_context:
+            size = n  # no room for filler at the end of the context: this pass runs eagerly
+        if start + size > self.capacity:
+            self._grow(start + size)
+        feed = [*new_ids, *[new_ids[-1]] * (size - n)]
+        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + size, dtype=torch.long, device=self.device)[None]
         kwargs: dict[str, Any] = {
             self._cache_kwarg: self.cache,
             "use_cache": True,
             "position_ids": positions,
         }
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = num_logits
-        run = self._forward if self.compiled and n <= MAX_COMPILED_TOKENS else self.model
-        out = run(input_ids=input_ids, **kwargs)
+        compiled = self.compiled and size <= MAX_COMPILED_TOKENS and size == _bucket(size)
+        if self._logits_to_keep:  # a compiled pass keeps every row: one graph per size
+            kwargs["logits_to_keep"] = size if compiled else num_logits
+        out = (self._forward if compiled else self.model)(input_ids=input_ids, **kwargs)
         self.ids.extend(int(i) for i in new_ids)
-        logits: torch.Tensor = out.logits[0, -num_logits:, :]
+        if size > n:
+            self._set_length(start + n)
+        logits: torch.Tensor = out.logits[0, : out.logits.shape[1] - (size - n), :]
+        logits = logits[-num_logits:]
         # a replayed CUDA graph's outputs are overwritten by its next replay
-        return logits.clone() if run is not self.model else logits
+        return logits.clone() if compiled else logits
 
     # ------------------------------------------------------------------ the cache
     def _new_cache(self, capacity: int) -> tuple[StaticCache, list[StaticLayer]]:
@@ -166,9 +179,15 @@ class StaticSession(SequenceSession):
 
     @torch.inference_mode()  # the buffers are made inside forward's inference mode
     def _set_length(self, length: int) -> None:
-        for layer in self._layers:
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(length)  # in place: the address stays static
+        counters = [layer.cumulative_length for layer in self._layers if layer.is_initialized]
+        if counters:  # in place, so that their addresses stay static; two launches in all
+            torch._foreach_mul_(counters, 0)
+            torch._foreach_add_(counters, length)
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _round_capacity(positions: int) -> int:
