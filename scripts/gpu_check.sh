@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 5's GPU checks, in one call of the device tool (docs/speed.md, "On a GPU"):
+#
+#   here:  bash scripts/gpu_wheels.sh
+#   then:  device run, carry [".whl"], timeout_s 590, command "bash scripts/gpu_check.sh"
+#
+# Builds a 1.1B Qwen2-architecture target and its first-layers draft on the GPU and measures
+# plain and speculative decoding, eager and compiled (CUDA graphs), bfloat16 then float32, with
+# python -m specdecode.bench.synthetic. Every stage rewrites $OUT/results.{json,md}, so a run cut
+# short still returns what it measured. Extra arguments go to the benchmark (e.g. --eps 0.1).
+set -uo pipefail
+OUT=${OUT:-/tmp/specdecode-gpu-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+{
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/log.txt"
+timeout "${CHECK_SECONDS:-560}" python3 -m specdecode.bench.synthetic --device cuda --out "$OUT" \
+    --dtypes bfloat16,float32 --full-dtypes bfloat16 -k 4 --prompts 4 --prompt-tokens 128 \
+    --max-new-tokens 128 "$@" 2>&1 | tee -a "$OUT/log.txt"
