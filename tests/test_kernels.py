@@ -154,3 +154,22 @@ def test_transformers_modes_run_on_torch_kernels_ours_on_onednn(tiny_dir):
     assert set(seen) == {"PackedLinear"}
     assert modes["hf-plain"].describe()["kernels"] == TORCH
     assert modes["ours-plain"].describe()["kernels"] == ONEDNN
+
+
+@needs_onednn
+def test_packing_copies_the_weights_it_leaves_out_of_the_checkpoint_mapping():
+    """Without kept originals, the parameters left unpacked get memory of their own (so a
+    memory-mapped checkpoint is let go), with the same values."""
+    from specdecode.testing import make_tiny_model
+
+    model = make_tiny_model(arch="qwen2")
+    embedding = model.get_input_embeddings().weight
+    before_ptr, before = embedding.data_ptr(), embedding.detach().clone()
+    pack_linears(model)
+    after = model.get_input_embeddings().weight
+    assert after is embedding  # the same Parameter (ties hold), new storage
+    assert after.data_ptr() != before_ptr and torch.equal(after, before)
+    kept = make_tiny_model(arch="qwen2")
+    ptr = kept.get_input_embeddings().weight.data_ptr()
+    pack_linears(kept, keep_originals=True)  # the originals are kept as they are
+    assert kept.get_input_embeddings().weight.data_ptr() == ptr
