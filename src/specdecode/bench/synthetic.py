@@ -54,6 +54,7 @@ from specdecode.bench.stats import leviathan_speedup
 from specdecode.decoding import SpeculativeGenerator
 from specdecode.drafters import ModelDrafter
 from specdecode.models import LoadedModel
+from specdecode.models.attention import use_grouped_attention
 from specdecode.models.costs import measure_pass_costs
 from specdecode.models.loading import COMPILED, DYNAMIC
 from specdecode.models.timing import synchronize
@@ -181,6 +182,7 @@ def build_pair(
     loaded = []
     for model, name in ((target, "synthetic-target"), (draft, "synthetic-draft")):
         model.eval()
+        use_grouped_attention(model)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
         loaded.append(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from specdecode.errors import ModelLoadError
+from specdecode.models.attention import use_grouped_attention
 from specdecode.models.kernels import (
     AUTO,
     ONEDNN,
@@ -166,6 +167,7 @@ def load_model(
     kernels: str = AUTO,
     keep_torch_kernels: bool = False,
     pad_rows: bool = True,
+    grouped_attention: bool = True,
     session_kind: str = DYNAMIC,
     compile_backend: str = "inductor",
 ) -> LoadedModel:
@@ -184,6 +186,9 @@ def load_model(
     ``pad_rows`` (oneDNN only) computes products of a few rows as the taller ones this machine
     runs faster, measured once per machine and layer shape
     (:mod:`specdecode.models.row_padding`).
+
+    ``grouped_attention`` runs SDPA attention of grouped-query models without copying the cache
+    once per query head in verification passes (:mod:`specdecode.models.attention`).
 
     ``session_kind`` picks how decoding holds the KV cache: ``dynamic`` (our rollback cache, the
     default), ``static`` (preallocated) or ``compiled`` (static, with short passes through
@@ -234,6 +239,8 @@ def load_model(
         raise ModelLoadError(_load_hint(spec, path, exc)) from exc
     model.to(dev)
     model.eval()
+    if grouped_attention:
+        use_grouped_attention(model)
     if quantize:
         model, torch_dtype = quantize_linear_int8(model), torch.qint8
     if session_kind == COMPILED and dev.type == "cpu":
