@@ -175,6 +175,7 @@ def _cost_cache_path(target: LoadedModel) -> Path:
             str(target.device),
             target.kernel_name,
             target.session_kind,
+            getattr(target.model.config, "_attn_implementation", None),
             None if target.kernels is None else target.kernels.row_padding(),
             torch.get_num_threads(),
             cpu_name(),
