@@ -8,6 +8,7 @@
 # plain and speculative decoding, eager and compiled (CUDA graphs), bfloat16 then float32, with
 # python -m specdecode.bench.synthetic. Every stage rewrites $OUT/results.{json,md}, so a run cut
 # short still returns what it measured. Extra arguments go to the benchmark (e.g. --eps 0.1).
+# A rehearsal here, on tiny models: DEVICE=cpu OUT=/tmp/rehearsal bash scripts/gpu_check.sh --tiny
 set -uo pipefail
 OUT=${OUT:-/tmp/specdecode-gpu-check}
 mkdir -p "$OUT"
@@ -22,6 +23,6 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/log.txt"
-timeout "${CHECK_SECONDS:-560}" python3 -m specdecode.bench.synthetic --device cuda --out "$OUT" \
+timeout "${CHECK_SECONDS:-560}" python3 -m specdecode.bench.synthetic --device "${DEVICE:-cuda}" --out "$OUT" \
     --dtypes bfloat16,float32 --full-dtypes bfloat16 -k 4 --prompts 4 --prompt-tokens 128 \
     --max-new-tokens 128 "$@" 2>&1 | tee -a "$OUT/log.txt"
