@@ -70,3 +70,16 @@ def test_a_verification_pass_gives_the_same_logits_either_way(tiny_dir):
         session.forward(ids, 1)
         passes.append(session.forward(feed, len(feed)))
     torch.testing.assert_close(passes[1], passes[0], rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_modes_run_on_transformers_attention(tiny):
+    from specdecode.models.attention import transformers_attention
+
+    model = tiny("qwen2").model
+    assert model.config._attn_implementation == NAME
+    with transformers_attention(model) as inside:
+        assert inside == "sdpa" and model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == NAME
+    gpt2 = tiny("gpt2").model  # not switched: left as it is
+    with transformers_attention(gpt2) as inside:
+        assert inside == gpt2.config._attn_implementation

@@ -20,6 +20,7 @@ import torch
 from specdecode.bench.costs import CostProbe
 from specdecode.decoding import GenerationRequest, GenerationStats, SpeculativeGenerator
 from specdecode.models import LoadedModel
+from specdecode.models.attention import transformers_attention
 from specdecode.models.kernels import TORCH
 
 REFERENCE = "hf-plain"  # the mode every other is compared with
@@ -168,13 +169,14 @@ class TransformersMode(Mode):
         self.cost_probe = cost_probe
 
     def run(self, prompt_ids: list[int], request: GenerationRequest, seed: int) -> ModeOutput:
-        # transformers' modes run on torch's own kernels, as its users get them, where the
-        # models kept them (`specdecode bench` does); ours on the kernels the models were loaded
-        # with (oneDNN by default on the CPU)
+        # transformers' modes run on torch's own kernels and transformers' own attention, as
+        # its users get them, where the models kept the kernels (`specdecode bench` does); ours
+        # on what the models were loaded with (oneDNN and the folded GQA attention on the CPU)
         with ExitStack() as stack:
             for model in (self.target, self.assistant):
                 if model is not None:
                     stack.enter_context(model.using_kernels(TORCH, required=False))
+                    stack.enter_context(transformers_attention(model.model))
             return self._run(prompt_ids, request, seed)
 
     def _run(self, prompt_ids: list[int], request: GenerationRequest, seed: int) -> ModeOutput:
@@ -204,6 +206,8 @@ class TransformersMode(Mode):
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family, "call": "transformers generate"}
         out["kernels"] = _kernels_used(self.target)
+        with transformers_attention(self.target.model) as attention:
+            out["attention"] = attention
         out.update(self.generate_kwargs)
         if self.assistant is not None:
             out["assistant_model"] = self.assistant.name

@@ -19,13 +19,14 @@ context, a 6-token pass gave bit-identical logits). Every other case goes to tra
 function unchanged.
 
 Models loaded by :func:`specdecode.models.load_model` with SDPA attention use it
-(:func:`use_grouped_attention`); transformers' ``generate`` on the same model does too, so the
-benchmark's transformers modes gain where they verify (assisted generation) and are otherwise
-untouched.
+(:func:`use_grouped_attention`). The benchmark runs transformers' own modes inside
+:func:`transformers_attention`, on transformers' SDPA attention, as its users get it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -113,3 +114,18 @@ def use_grouped_attention(model: Any) -> bool:
     register()
     model.set_attn_implementation(NAME)
     return bool(config._attn_implementation == NAME)
+
+
+@contextmanager
+def transformers_attention(model: Any) -> Iterator[str]:
+    """Run the block on transformers' SDPA attention where ``model`` uses ours; yield the
+    implementation in use."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != NAME:
+        yield str(before)
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield "sdpa"
+    finally:
+        model.set_attn_implementation(NAME)
