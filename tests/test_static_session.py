@@ -153,3 +153,28 @@ def test_inductor_compiled_plain_decoding_matches_transformers(tiny_dir):
 def test_compiled_sessions_refuse_onednn_packed_weights_on_the_cpu(tiny_dir):
     with pytest.raises(Exception, match="cannot run on oneDNN-packed weights"):
         load_model(tiny_dir("llama"), device="cpu", session_kind=COMPILED, kernels="onednn")
+
+
+def test_the_first_pass_on_a_new_cache_runs_eagerly_and_calibration_discards_graph_warmups(tiny):
+    """The buffers are allocated outside the compiled graph (CUDA graphs need them static),
+    and a compiled session's pass costs are timed only after its graphs are recorded."""
+    from specdecode.models.costs import measure_pass_costs
+
+    model = tiny("llama").model
+    session = StaticSession(model, compiled=True, backend="eager")
+    calls: list[int] = []
+    original = session._forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    session._forward = counting
+    session.forward([5, 6, 7], 1)  # short, but the cache is new: eager
+    assert calls == []
+    session.forward([8], 1)
+    assert calls == [1]
+    assert session.warmup_passes == 3 and ModelSession(model).warmup_passes == 1
+    calls.clear()
+    measure_pass_costs(session, [5, 6, 7, 8], sizes=(1, 2), repetitions=2)
+    assert calls.count(2) == 3 + 2  # three discarded rounds, two timed (after its prefill)

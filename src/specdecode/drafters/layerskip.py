@@ -117,7 +117,7 @@ class LayerSkipDrafter(Drafter):
         if not isinstance(target, ModelSession):
             raise InvalidSettingsError(
                 "layer skipping drafts on the target's dynamic KV cache: load the target with "
-                "session_kind='dynamic' (without --static-cache or --compile)"
+                "session_kind='dynamic' (--kv-cache dynamic, the default)"
             )
         if target.model is not self.target.model:
             raise InvalidSettingsError(

@@ -113,7 +113,9 @@ def measure_pass_costs(
 ) -> PassCosts:
     """Time one pass of each size in ``sizes`` after ``context``; leaves ``session`` empty.
 
-    Each size is the median of ``repetitions`` timings after one discarded warm-up. Sizes are
+    Each size is the median of ``repetitions`` timings after the session's ``warmup_passes``
+    discarded rounds (one; three for a compiled session, whose CUDA graphs are recorded on the
+    second call). Sizes are
     timed round-robin (1, 2, 4, ..., 1, 2, 4, ...) so that a change in the machine's load
     falls on all of them alike. The filler fed is the context's own tokens (their values do not
     change a pass's cost). Every pass keeps the logits of all its positions, as a padded
@@ -128,7 +130,8 @@ def measure_pass_costs(
     length = session.length
     filler = (ids * (wanted[-1] // len(ids) + 1))[: wanted[-1]]
     times: dict[int, list[float]] = {n: [] for n in wanted}
-    for rep in range(repetitions + 1):
+    warmup = max(1, int(getattr(session, "warmup_passes", 1)))
+    for rep in range(repetitions + warmup):
         for n in wanted:
             synchronize(session.device)
             start = time.perf_counter()
@@ -136,7 +139,7 @@ def measure_pass_costs(
             synchronize(session.device)
             elapsed = time.perf_counter() - start
             session.truncate(length)
-            if rep:  # the first round is the warm-up
+            if rep >= warmup:  # the first rounds warm up (compile, record CUDA graphs)
                 times[n].append(elapsed)
     session.reset()
     medians = {n: statistics.median(t) for n, t in times.items()}

@@ -19,6 +19,7 @@ class Session(Protocol):
     device: torch.device
     cache: Any
     ids: list[int]
+    warmup_passes: int  # passes of a shape to discard before timing one
 
     @property
     def length(self) -> int: ...
@@ -66,6 +67,8 @@ class ModelSession(SequenceSession):
     The cache always holds exactly the positions of ``self.ids``. ``forward`` appends,
     ``truncate`` rolls back (free for full-attention layers, see :mod:`specdecode.models.cache`).
     """
+
+    warmup_passes = 1
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

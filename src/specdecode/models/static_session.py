@@ -68,6 +68,9 @@ class StaticSession(SequenceSession):
         self.config = model.config
         self.ids: list[int] = []
         self.compiled = compiled
+        # passes to discard before timing one: CUDA-graph trees warm up on a shape's first call,
+        # record on the second and replay from the third
+        self.warmup_passes = 3 if compiled else 1
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
@@ -115,17 +118,25 @@ class StaticSession(SequenceSession):
 
         A compiled pass is fed as the next power of two tokens (filler copies of the last one
         after the real ones, so causal attention keeps them from the real positions' logits,
-        and rolled back at once), so that each model compiles at most six pass shapes."""
+        and rolled back at once), so that each model compiles at most six pass shapes. (A
+        dynamically quantized int8 model scales each pass's activations as a whole, so there
+        the filler does move the real rows' logits a little, as any change of pass size does:
+        for a draft that changes acceptance only.)"""
         if not new_ids:
             raise ValueError("forward needs at least one token")
         if not 1 <= num_logits <= len(new_ids):
             raise ValueError(f"num_logits must be in [1, {len(new_ids)}], got {num_logits}")
         n, start = len(new_ids), self.length
-        size = _bucket(n) if self.compiled and n <= MAX_COMPILED_TOKENS else n
+        # the first pass on a new cache runs eagerly: it allocates the buffers, which must be
+        # made (and marked static) outside the compiled graph for CUDA graphs to replay them
+        compiled = self.compiled and self._layers[0].is_initialized and n <= MAX_COMPILED_TOKENS
+        size = _bucket(n) if compiled else n
         if self._max_context is not None and start + size > self._max_context:
-            size = n  # no room for filler at the end of the context: this pass runs eagerly
+            compiled, size = False, n  # no room for filler at the end of the context
         if start + size > self.capacity:
             self._grow(start + size)
+            if not self._layers[0].is_initialized:  # an empty sequence: a new cache, eagerly
+                compiled, size = False, n
         feed = [*new_ids, *[new_ids[-1]] * (size - n)]
         input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + size, dtype=torch.long, device=self.device)[None]
@@ -134,7 +145,6 @@ class StaticSession(SequenceSession):
             "use_cache": True,
             "position_ids": positions,
         }
-        compiled = self.compiled and size <= MAX_COMPILED_TOKENS and size == _bucket(size)
         if self._logits_to_keep:  # a compiled pass keeps every row: one graph per size
             kwargs["logits_to_keep"] = size if compiled else num_logits
         out = (self._forward if compiled else self.model)(input_ids=input_ids, **kwargs)
