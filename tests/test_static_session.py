@@ -28,6 +28,19 @@ def _passes(arch_seed: int) -> list[tuple[list[int], int]]:
     return walk
 
 
+def _count_compiled_passes(session: StaticSession) -> list[int]:
+    """The sizes of the passes ``session`` runs through its compiled model, as they come."""
+    calls: list[int] = []
+    original = session._forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    session._forward = counting
+    return calls
+
+
 def _same_logits(a, b, prompt: list[int], walk) -> None:
     torch.testing.assert_close(a.forward(prompt, 1), b.forward(prompt, 1), rtol=1e-5, atol=1e-5)
     for feed, back in walk:
@@ -100,14 +113,7 @@ def test_compiled_session_runs_short_passes_through_torch_compile(tiny):
     torch._dynamo.reset()
     model = tiny("qwen2").model
     session = StaticSession(model, compiled=True, backend="eager")
-    calls: list[int] = []
-    original = session._forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[1])
-        return original(*args, **kwargs)
-
-    session._forward = counting
+    calls = _count_compiled_passes(session)
     session.forward(list(range(3, 60)))  # 57 tokens: eager
     session.forward([5], 1)
     logits = session.forward([6, 7, 8], 2)  # fed as 4 tokens, the filler rolled back
@@ -162,14 +168,7 @@ def test_the_first_pass_on_a_new_cache_runs_eagerly_and_calibration_discards_gra
 
     model = tiny("llama").model
     session = StaticSession(model, compiled=True, backend="eager")
-    calls: list[int] = []
-    original = session._forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[1])
-        return original(*args, **kwargs)
-
-    session._forward = counting
+    calls = _count_compiled_passes(session)
     session.forward([5, 6, 7], 1)  # short, but the cache is new: eager
     assert calls == []
     session.forward([8], 1)
