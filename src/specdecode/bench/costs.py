@@ -18,9 +18,7 @@ the same context length.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +26,7 @@ import torch
 from specdecode.drafters import Drafter
 from specdecode.models import LoadedModel, Session
 from specdecode.models.kernels import TORCH
-from specdecode.models.timing import synchronize
+from specdecode.models.timing import median_time
 from specdecode.sampling import SamplingSettings, TokenSampler
 
 
@@ -97,16 +95,16 @@ def measure_costs(
     costs = StepCosts(
         context_tokens=len(prefix),
         repetitions=repetitions,
-        target_step=_median_time(lambda: _pass(session, tail[:1]), repetitions, target.device),
+        target_step=median_time(lambda: _pass(session, tail[:1]), repetitions, target.device),
     )
     for k in sorted(set(ks)):
-        costs.verify[k] = _median_time(
+        costs.verify[k] = median_time(
             lambda k=k: _pass(session, tail[: k + 1]), repetitions, target.device
         )
     costs.kernels = target.kernel_name
     with target.using_kernels(TORCH, required=False) as kind:
         if kind != costs.kernels:  # the step transformers' modes took, for the report
-            costs.torch_target_step = _median_time(
+            costs.torch_target_step = median_time(
                 lambda: _pass(session, tail[:1]), repetitions, target.device
             )
     session.reset()
@@ -133,7 +131,7 @@ def drafter_step_seconds(
     sampler = TokenSampler(SamplingSettings(), torch.Generator().manual_seed(0))
     probe.drafter.begin(ids)
     probe.drafter.propose(ids, 1, sampler)  # the first call may prefill: not timed
-    return _median_time(lambda: probe.drafter.propose(ids, 1, sampler), repetitions, device)
+    return median_time(lambda: probe.drafter.propose(ids, 1, sampler), repetitions, device)
 
 
 def _pass(session: Session, tokens: list[int]) -> None:
@@ -141,15 +139,3 @@ def _pass(session: Session, tokens: list[int]) -> None:
     length = session.length
     session.forward(tokens, len(tokens))
     session.truncate(length)
-
-
-def _median_time(fn: Callable[[], None], repetitions: int, device: torch.device) -> float:
-    fn()  # warm-up, discarded
-    times = []
-    for _ in range(max(1, repetitions)):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

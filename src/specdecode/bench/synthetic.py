@@ -40,7 +40,6 @@ import dataclasses
 import json
 import logging
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -59,7 +58,7 @@ from specdecode.models import LoadedModel
 from specdecode.models.attention import transformers_attention, use_grouped_attention
 from specdecode.models.costs import measure_pass_costs
 from specdecode.models.loading import COMPILED, DYNAMIC
-from specdecode.models.timing import synchronize
+from specdecode.models.timing import median_time, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +217,8 @@ def memory_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> fl
     ``repeats`` after a warm-up."""
     source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     target = torch.empty_like(source)
-    times = []
-    for rep in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        if rep:
-            times.append(time.perf_counter() - start)
-    return 2 * source.numel() * 4 / statistics.median(times)
+    seconds = median_time(lambda: target.copy_(source), repeats, device)
+    return 2 * source.numel() * 4 / seconds
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -338,21 +330,17 @@ def step_costs(
     draft_session.reserve(len(context) + 64)
     draft_session.forward(context, 1)
     length = draft_session.length
-    times = []
-    warmup = max(1, int(getattr(draft_session, "warmup_passes", 1)))
-    for rep in range(5 + warmup):
-        synchronize(draft.device)
-        start = time.perf_counter()
+
+    def draft_step() -> None:
         draft_session.forward(context[-1:], 1)
-        synchronize(draft.device)
         draft_session.truncate(length)
-        if rep >= warmup:
-            times.append(time.perf_counter() - start)
+
+    draft_seconds = median_time(draft_step, 5, draft.device, warmup=draft_session.warmup_passes)
     step = costs.step_seconds
     return {
         "target_step": step,
         "verify": costs.relative[k + 1] * step,
-        "draft_step": statistics.median(times),
+        "draft_step": draft_seconds,
         "context_tokens": len(context),
     }
 

@@ -130,7 +130,7 @@ def measure_pass_costs(
     length = session.length
     filler = (ids * (wanted[-1] // len(ids) + 1))[: wanted[-1]]
     times: dict[int, list[float]] = {n: [] for n in wanted}
-    warmup = max(1, int(getattr(session, "warmup_passes", 1)))
+    warmup = max(1, session.warmup_passes)
     for rep in range(repetitions + warmup):
         for n in wanted:
             synchronize(session.device)

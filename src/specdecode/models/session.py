@@ -36,9 +36,25 @@ class Session(Protocol):
 
 
 class SequenceSession:
-    """What every session shares: the ids its cache holds, and rolling back to a prefix."""
+    """What every session shares: the model, the ids its cache holds, the arguments its
+    forward takes, and rolling back to a prefix."""
 
-    ids: list[int]
+    cache: Any
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.ids: list[int] = []
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+
+    def _forward_kwargs(self, logits_to_keep: int) -> dict[str, Any]:
+        """The model's keyword arguments for a pass on this session's cache."""
+        kwargs: dict[str, Any] = {self._cache_kwarg: self.cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        return kwargs
 
     @property
     def length(self) -> int:
@@ -71,13 +87,8 @@ class ModelSession(SequenceSession):
     warmup_passes = 1
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
+        super().__init__(model)
         self.cache = make_cache(model.config)
-        self.ids: list[int] = []
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
 
     def reset(self) -> None:
         reset_cache(self.cache)
@@ -98,9 +109,6 @@ class ModelSession(SequenceSession):
         if not new_ids:
             raise ValueError("forward needs at least one token")
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
-        kwargs: dict[str, object] = {self._cache_kwarg: self.cache, "use_cache": True}
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = num_logits
-        out = self.model(input_ids=input_ids, **kwargs)
+        out = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits))
         self.ids.extend(int(i) for i in new_ids)
         return out.logits[0, -num_logits:, :]

@@ -24,7 +24,6 @@ are cloned before they are returned.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,17 +62,12 @@ class StaticSession(SequenceSession):
         compiled: bool = False,
         backend: str = "inductor",
     ) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
+        super().__init__(model)
         self.config = model.config
-        self.ids: list[int] = []
         self.compiled = compiled
         # passes to discard before timing one: CUDA-graph trees warm up on a shape's first call,
         # record on the second and replay from the third
         self.warmup_passes = 3 if compiled else 1
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
         self._max_context = _context_limit(model.config)
         self.cache, self._layers = self._new_cache(_round_capacity(capacity))
         self._forward: Callable[..., Any] = model
@@ -140,14 +134,11 @@ class StaticSession(SequenceSession):
         feed = [*new_ids, *[new_ids[-1]] * (size - n)]
         input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + size, dtype=torch.long, device=self.device)[None]
-        kwargs: dict[str, Any] = {
-            self._cache_kwarg: self.cache,
-            "use_cache": True,
-            "position_ids": positions,
-        }
-        if self._logits_to_keep:  # a compiled pass keeps every row: one graph per size
-            kwargs["logits_to_keep"] = size if compiled else num_logits
-        out = (self._forward if compiled else self.model)(input_ids=input_ids, **kwargs)
+        # a compiled pass keeps every row's logits: one graph per size
+        kwargs = self._forward_kwargs(size if compiled else num_logits)
+        out = (self._forward if compiled else self.model)(
+            input_ids=input_ids, position_ids=positions, **kwargs
+        )
         self.ids.extend(int(i) for i in new_ids)
         if size > n:
             self._set_length(start + n)

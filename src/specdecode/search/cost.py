@@ -74,7 +74,7 @@ def calibrate(target: LoadedModel, context_ids: list[int], k: int, repeats: int 
     median, so that a busy spell of the machine hits all of them alike.
     """
     layers = check_supported(target.model)
-    session = target.new_session()
+    session = ModelSession(target.model)  # layer skipping runs on the dynamic cache
     session.forward(context_ids, 1)
     token = context_ids[-1]
     steps: dict[str, tuple[SkipSet, list[int]]] = {
