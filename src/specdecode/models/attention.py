@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "specdecode_sdpa"
 _registered = False
@@ -48,8 +49,6 @@ def grouped_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; query (B, H, q, D), key/value (B, Hkv, L, D);
     returns (B, q, H, D)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = int(getattr(module, "num_key_value_groups", 1))
     batch, heads, q_len, dim = query.shape
     foldable = (
