@@ -190,6 +190,7 @@ def _check_summary_fields(summary, family: str) -> None:
         "acceptance_per_position",
         "mean_draft_length",
         "draft_time_share",
+        "draft_prefill_share",
         "c",
         "verify_cost",
         "bound_paper",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from specdecode import HeuristicLength, ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
+from specdecode.sampling import SamplingSettings, TokenSampler
 
 from .conftest import ARCHS
 
@@ -49,6 +50,24 @@ def test_greedy_identity(tiny, arch, kind):
             assert result.stats.alpha == 1.0  # the target as its own draft: all accepted
         if kind == "plain":
             assert result.stats.tau == 1.0 and result.stats.drafted == 0
+
+
+def test_draft_model_prefill_is_timed_once_per_sequence(tiny):
+    """The draft model's first draft of a sequence reads the prompt: that time is reported
+    apart (part of the draft's time), and later drafts report none."""
+    drafter = ModelDrafter(tiny("qwen2", "perturbed"))
+    target = tiny("qwen2")
+    ids = target.tokenizer(PROMPTS[2])["input_ids"]
+    sampler = TokenSampler(SamplingSettings(do_sample=False))
+    drafter.begin(ids)
+    first = drafter.propose(ids, 3, sampler)
+    second = drafter.propose([*ids, *first.tokens[:1]], 3, sampler)
+    assert 0 < first.prefill_seconds <= first.seconds
+    assert second.prefill_seconds == 0.0 and second.head(1).prefill_seconds == 0.0
+    assert first.head(1).prefill_seconds == first.prefill_seconds
+
+    result = SpeculativeGenerator(target, drafter, 4).generate(PROMPTS[2], max_new_tokens=NEW)
+    assert 0 < result.stats.draft_prefill_seconds <= result.stats.draft_seconds
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

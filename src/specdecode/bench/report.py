@@ -30,6 +30,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("eff. (paper)", "efficiency_paper", "{:.2f}"),
     ("eff. (cost-aware)", "efficiency_cost_aware", "{:.2f}"),
     ("draft time", "draft_time_share", "{:.0%}"),
+    ("draft prefill", "draft_prefill_share", "{:.0%}"),
 )
 
 

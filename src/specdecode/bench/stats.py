@@ -71,6 +71,7 @@ class ModeSummary:
     acceptance_per_position: list[float] | None = None
     mean_draft_length: float | None = None  # k: tokens drafted per round
     draft_time_share: float | None = None  # drafting seconds / total seconds
+    draft_prefill_share: float | None = None  # of which the draft model reading the prompts
     c: float | None = None
     verify_cost: float | None = None  # c_v(round(k))
     bound_paper: float | None = None
@@ -181,6 +182,7 @@ def _add_acceptance(summary: ModeSummary, items: list[GenerationStats]) -> None:
         summary.mean_draft_length = total.drafted / total.rounds
     if total.total_seconds > 0:
         summary.draft_time_share = total.draft_seconds / total.total_seconds
+        summary.draft_prefill_share = total.draft_prefill_seconds / total.total_seconds
 
 
 def add_bounds(

@@ -27,6 +27,7 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)  # rounds accepting >= i+1
     prompt_tokens: int = 0
     draft_seconds: float = 0.0
+    draft_prefill_seconds: float = 0.0  # of draft_seconds, the draft model reading the prompt
     target_seconds: float = 0.0
     total_seconds: float = 0.0
     time_to_first_token: float = 0.0

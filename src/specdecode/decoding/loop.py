@@ -229,6 +229,7 @@ class SpeculativeGenerator:
                 len(draft), draft.seconds, self.last_pass_size, target_seconds
             )
             stats.draft_seconds += draft.seconds
+            stats.draft_prefill_seconds += draft.prefill_seconds
             stats.target_seconds += target_seconds
             proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
 

@@ -36,6 +36,9 @@ class Draft:
     info: dict[str, float] = field(default_factory=dict)  # drafter-specific figures
     # the draft's probability of each token it chose (empty: a drafter without a distribution)
     confidence: list[float] = field(default_factory=list)
+    # of ``seconds``, the time the drafter's own model spent reading the prompt (its first
+    # call of a sequence): a once-per-sequence cost that no draft step repeats
+    prefill_seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -45,7 +48,9 @@ class Draft:
         if n >= len(self.tokens):
             return self
         q = None if self.q is None else self.q[:n]
-        return Draft(self.tokens[:n], q, self.seconds, self.info, self.confidence[:n])
+        return Draft(
+            self.tokens[:n], q, self.seconds, self.info, self.confidence[:n], self.prefill_seconds
+        )
 
 
 EMPTY_DRAFT = Draft(tokens=[])

@@ -50,7 +50,12 @@ class ModelDrafter(Drafter):
     ) -> Draft:
         start = time.perf_counter()
         ids = list(ids)
+        reads_prompt = self.session.length == 0  # the sequence's first draft: its prefill
         logits = self.session.forward(self.session.sync(ids), 1)[-1]
+        prefill_seconds = 0.0
+        if reads_prompt:
+            synchronize(self.session.device)
+            prefill_seconds = time.perf_counter() - start
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
         confidence: list[float] = []
@@ -66,7 +71,8 @@ class ModelDrafter(Drafter):
             logits = self.session.forward([choice.token], 1)[-1]
         synchronize(self.session.device)
         q = torch.stack(dists) if dists else None
-        return Draft(tokens, q, time.perf_counter() - start, confidence=confidence)
+        seconds = time.perf_counter() - start
+        return Draft(tokens, q, seconds, confidence=confidence, prefill_seconds=prefill_seconds)
 
     def _ends(self, confidence: list[float], stop: StopRule | None) -> bool:
         """Whether the draft ends after its latest token: unsure of it, or ``stop`` says so."""
