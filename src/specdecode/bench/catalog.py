@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -104,7 +105,7 @@ def standard_modes(
 ) -> list[Mode]:
     """Build the modes called ``names`` (see :data:`MODE_NAMES`) on shared models."""
     draft_key = None if draft is None else f"draft model {draft.name}"
-    builders = {
+    builders: dict[str, Callable[[], Mode]] = {
         REFERENCE: lambda: TransformersMode(REFERENCE, target),
         HF_ASSISTED: lambda: _hf_assisted(HF_ASSISTED, target, _need(draft), {}, draft_key),
         HF_ASSISTED_K5: lambda: _hf_assisted(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -99,7 +100,7 @@ def measure_costs(
     )
     for k in sorted(set(ks)):
         costs.verify[k] = median_time(
-            lambda k=k: _pass(session, tail[: k + 1]), repetitions, target.device
+            partial(_pass, session, tail[: k + 1]), repetitions, target.device
         )
     costs.kernels = target.kernel_name
     with target.using_kernels(TORCH, required=False) as kind:

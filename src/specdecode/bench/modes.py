@@ -110,8 +110,8 @@ def effective_assistant_settings(assistant: Any, overrides: dict[str, Any]) -> d
     """The assisted-generation settings transformers will use: overrides, then the assistant's
     generation config, then transformers' global defaults."""
     config = copy.deepcopy(assistant.generation_config)
-    defaults = getattr(config, "_get_default_generation_params", dict)()
-    out = {}
+    defaults: dict[str, Any] = getattr(config, "_get_default_generation_params", dict)()
+    out: dict[str, Any] = {}
     for key in _ASSISTANT_FIELDS:
         value = overrides.get(key, getattr(config, key, None))
         out[key] = defaults.get(key) if value is None else value
@@ -199,9 +199,10 @@ class TransformersMode(Mode):
 
     @torch.inference_mode()
     def _generate(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        return self.target.model.generate(
+        out: torch.Tensor = self.target.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
         )
+        return out
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family, "call": "transformers generate"}

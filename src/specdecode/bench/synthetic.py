@@ -480,19 +480,16 @@ def _run_dtype(
         mode(f"ours-draft k={k} (compiled)", compiled_draft)
         if not full:
             continue
-        mode(
-            f"ours-draft k={k} (eager)",
-            lambda r, k=k: time_ours(
-                r,
-                SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False),
-                prompts,
-                max_new_tokens,
-            ),
-        )
-        mode(
-            f"hf-assisted k={k}",
-            lambda r, k=k: time_transformers(r, target, prompts, max_new_tokens, draft, k),
-        )
+
+        def eager_draft(r: ModeResult, k: int = k) -> None:
+            generator = SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False)
+            time_ours(r, generator, prompts, max_new_tokens)
+
+        def hf_assisted(r: ModeResult, k: int = k) -> None:
+            time_transformers(r, target, prompts, max_new_tokens, draft, k)
+
+        mode(f"ours-draft k={k} (eager)", eager_draft)
+        mode(f"hf-assisted k={k}", hf_assisted)
 
 
 def _derive(report: SyntheticReport, results: dict[str, ModeResult], tag: str) -> None:

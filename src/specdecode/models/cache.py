@@ -12,6 +12,8 @@ and are rolled back with its ``crop``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -23,7 +25,7 @@ class RollbackLayer(DynamicLayer):
     """One layer's keys and values, shape (B, H, capacity, D), of which ``length`` are valid."""
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.length = 0
         self._k_buf: torch.Tensor | None = None
         self._v_buf: torch.Tensor | None = None
@@ -89,7 +91,7 @@ class RollbackLayer(DynamicLayer):
             self.values = self._v_buf[..., :0, :]
 
 
-def make_cache(config: object) -> DynamicCache:
+def make_cache(config: Any) -> DynamicCache:
     """A cache for a model with ``config``: rollback layers for full attention, HF's otherwise."""
     cache = DynamicCache(config=config)
     if not cache.layers:  # config without layer information: layers appear lazily
@@ -106,10 +108,11 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
     for layer in cache.layers:
         if isinstance(layer, RollbackLayer):
             layer.truncate(length)
-        else:
-            held = layer.get_seq_length()
+        else:  # transformers' own layer (sliding window, linear attention...): its crop
+            hf_layer: Any = layer
+            held = hf_layer.get_seq_length()
             if held > length:
-                layer.crop(length - held)
+                hf_layer.crop(length - held)
 
 
 def reset_cache(cache: DynamicCache) -> None:

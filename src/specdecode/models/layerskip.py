@@ -135,11 +135,11 @@ def _replace_forward(module: torch.nn.Module, forward: Callable[..., Any]) -> Ca
     """Shadow ``module.forward`` with an instance attribute; return the function that undoes it."""
     had_own = "forward" in module.__dict__
     saved = module.__dict__.get("forward")
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
 
     def restore() -> None:
         if had_own:
-            module.forward = saved  # type: ignore[method-assign]
+            module.__dict__["forward"] = saved
         else:
             del module.forward
 
@@ -170,8 +170,14 @@ def _skipped_attention(attn: torch.nn.Module) -> Callable[..., tuple[torch.Tenso
 
 def _kv_shape(attn: torch.nn.Module) -> tuple[int, int]:
     """(key/value heads, head dim) of an attention module."""
-    head_dim = int(attn.head_dim)
+    head_dim = _int_attribute(attn, "head_dim")
     k_proj = getattr(attn, "k_proj", None)
     if k_proj is not None:
         return int(k_proj.out_features) // head_dim, head_dim
-    return int(attn.num_heads), head_dim
+    return _int_attribute(attn, "num_heads"), head_dim
+
+
+def _int_attribute(module: torch.nn.Module, name: str) -> int:
+    """An integer a model class stores on its module (typed as tensor or module by torch)."""
+    value: Any = getattr(module, name)
+    return int(value)

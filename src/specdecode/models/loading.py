@@ -234,7 +234,7 @@ def load_model(
             )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_hint(spec, path, exc)) from exc
     model.to(dev)

@@ -111,4 +111,5 @@ class ModelSession(SequenceSession):
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits))
         self.ids.extend(int(i) for i in new_ids)
-        return out.logits[0, -num_logits:, :]
+        logits: torch.Tensor = out.logits
+        return logits[0, -num_logits:, :]

@@ -80,7 +80,7 @@ class RequestPlanner:
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt and isinstance(prompt[0], int):
-            return [[int(i) for i in prompt]]  # type: ignore[union-attr]
+            return [[int(i) for i in prompt]]
         texts_or_ids: list[str] | list[list[int]] = prompt  # type: ignore[assignment]
         if any(p == "" for p in texts_or_ids):
             raise bad_request("the prompt is empty: give some text to continue", "prompt")
