@@ -20,7 +20,7 @@ import torch
 from specdecode.bench.costs import CostProbe
 from specdecode.decoding import GenerationRequest, GenerationStats, SpeculativeGenerator
 from specdecode.models import LoadedModel
-from specdecode.models.attention import transformers_attention
+from specdecode.models.attention import transformers_attention, transformers_implementation
 from specdecode.models.kernels import TORCH
 
 REFERENCE = "hf-plain"  # the mode every other is compared with
@@ -207,8 +207,7 @@ class TransformersMode(Mode):
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family, "call": "transformers generate"}
         out["kernels"] = _kernels_used(self.target)
-        with transformers_attention(self.target.model) as attention:
-            out["attention"] = attention
+        out["attention"] = transformers_implementation(self.target.model)
         out.update(self.generate_kwargs)
         if self.assistant is not None:
             out["assistant_model"] = self.assistant.name

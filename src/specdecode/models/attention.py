@@ -115,16 +115,22 @@ def use_grouped_attention(model: Any) -> bool:
     return bool(config._attn_implementation == NAME)
 
 
+def transformers_implementation(model: Any) -> str:
+    """The attention transformers itself would give ``model``: SDPA in place of ours."""
+    current = str(getattr(model.config, "_attn_implementation", None))
+    return "sdpa" if current == NAME else current
+
+
 @contextmanager
 def transformers_attention(model: Any) -> Iterator[str]:
     """Run the block on transformers' SDPA attention where ``model`` uses ours; yield the
     implementation in use."""
-    before = getattr(model.config, "_attn_implementation", None)
-    if before != NAME:
-        yield str(before)
+    inside = transformers_implementation(model)
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        yield inside
         return
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(inside)
     try:
-        yield "sdpa"
+        yield inside
     finally:
         model.set_attn_implementation(NAME)
