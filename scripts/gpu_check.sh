@@ -4,15 +4,18 @@
 #   here:  bash scripts/gpu_wheels.sh
 #   then:  device run, carry [".whl"], timeout_s 590, command "bash scripts/gpu_check.sh"
 #
-# Builds a 1.1B Qwen2-architecture target and its first-layers draft on the GPU and measures
-# plain and speculative decoding, eager and compiled (CUDA graphs), bfloat16 then float32, with
-# python -m specdecode.bench.synthetic. Every stage rewrites $OUT/results.{json,md}, so a run cut
+# Builds a 1.1B Qwen2-architecture target and its first-layers draft on the GPU. First profiles
+# one compiled bfloat16 decoding step and one verification pass (python -m
+# specdecode.bench.step_profile: products, attention, other kernels, host; about 80 s), then
+# measures plain and speculative decoding, eager and compiled (CUDA graphs), bfloat16 then
+# float32 (python -m specdecode.bench.synthetic; about 530 s on an H100 in the first run, so the
+# float32 draft stage may be cut). Every stage rewrites $OUT/results.{json,md}, so a run cut
 # short still returns what it measured. Extra arguments go to the benchmark (e.g. --eps 0.1).
 # A rehearsal here, on tiny models: DEVICE=cpu OUT=/tmp/rehearsal bash scripts/gpu_check.sh --tiny
 set -uo pipefail
 OUT=${OUT:-/tmp/specdecode-gpu-check}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ "${DEVICE:-cuda}" = cuda ] && compgen -G ".whl/*.whl" > /dev/null; then  # built for the GPU machine
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
@@ -23,6 +26,10 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/log.txt"
-timeout "${CHECK_SECONDS:-560}" python3 -m specdecode.bench.synthetic --device "${DEVICE:-cuda}" --out "$OUT" \
+TINY=; case " $* " in *" --tiny "*) TINY=1 ;; esac
+START=$SECONDS
+timeout "${PROFILE_SECONDS:-150}" python3 -m specdecode.bench.step_profile --device "${DEVICE:-cuda}" \
+    --out "$OUT" --sizes 1,5 ${TINY:+--tiny} 2>&1 | tee -a "$OUT/log.txt"
+timeout "$(( ${CHECK_SECONDS:-560} - (SECONDS - START) ))" python3 -m specdecode.bench.synthetic --device "${DEVICE:-cuda}" --out "$OUT" \
     --dtypes bfloat16,float32 --full-dtypes bfloat16 -k 4 --prompts 4 --prompt-tokens 128 \
     --max-new-tokens 128 "$@" 2>&1 | tee -a "$OUT/log.txt"

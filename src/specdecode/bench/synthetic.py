@@ -57,6 +57,7 @@ from specdecode.drafters import ModelDrafter
 from specdecode.models import LoadedModel
 from specdecode.models.attention import transformers_attention, use_grouped_attention
 from specdecode.models.costs import measure_pass_costs
+from specdecode.models.kernels import PackedLinear
 from specdecode.models.loading import COMPILED, DYNAMIC
 from specdecode.models.timing import median_time, synchronize
 
@@ -201,15 +202,21 @@ def build_pair(
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes a one-token decoding step must read: every distinct parameter and buffer, except
-    an input embedding table not tied to the output layer (a step reads one row of it)."""
+    """Bytes a one-token decoding step must read: every distinct parameter and buffer (and the
+    weights of oneDNN-packed layers), except an input embedding table not tied to the output
+    layer (a step reads one row of it)."""
     seen: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     embedding = model.get_input_embeddings().weight
     if embedding.data_ptr() != model.get_output_embeddings().weight.data_ptr():
         seen.pop(embedding.data_ptr(), None)
-    return sum(seen.values())
+    packed = 0  # oneDNN-packed linear layers hold their weights outside the parameters
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            item = torch.empty((), dtype=module.dtype).element_size()
+            packed += module.in_features * module.out_features * item
+    return sum(seen.values()) + packed
 
 
 def memory_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
