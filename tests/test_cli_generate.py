@@ -14,7 +14,10 @@ PROMPT = "def add(a, b):"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["generate", *args])
+    try:
+        code = main(["generate", *args])
+    except SystemExit as exit_:  # argparse's own errors (a bad option value) exit with 2
+        code = int(exit_.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -35,6 +38,7 @@ def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
         ["--draft", "perturbed", "--confidence-stop"],
         ["--draft", "perturbed", "--draft-dtype", "float32", "--draft-schedule", "constant"],
         ["--draft", "perturbed", "--kv-cache", "static"],  # int8 draft on a static cache too
+        ["--draft", "perturbed", "--draft-prompt-window", "3"],  # reads the prompt's tail
     ],
 )
 def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):
@@ -80,6 +84,8 @@ def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
         (["--temperature", "0.5", "--top-p", "0"], "top_p"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
         (["-n", "0"], "num-samples"),
+        (["--draft-prompt-window", "0"], "prompt window"),
+        (["--draft-prompt-window", "many"], "prompt window"),
     ],
 )
 def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):

@@ -70,6 +70,28 @@ def test_draft_model_prefill_is_timed_once_per_sequence(tiny):
     assert 0 < result.stats.draft_prefill_seconds <= result.stats.draft_seconds
 
 
+def test_a_draft_reading_only_the_prompts_tail_keeps_the_output_and_reads_less(tiny):
+    """``prompt_window``: the draft reads the prompt's last tokens and what follows; the
+    output is the target's whatever the draft reads."""
+    target = tiny("qwen2")
+    prompt = PROMPTS[2]
+    prompt_ids = target.tokenizer(prompt)["input_ids"]
+    assert len(prompt_ids) > 6
+    drafter = ModelDrafter(_copy(tiny, "qwen2"), prompt_window=4)
+    result = SpeculativeGenerator(target, drafter, 4).generate(prompt, max_new_tokens=NEW)
+    assert result.token_ids == reference(target, prompt)
+    # it read 4 prompt tokens and the generated ones, never the rest of the prompt
+    assert drafter.session.ids[:4] == prompt_ids[-4:]
+    assert len(drafter.session.ids) <= 4 + len(result.token_ids)
+    assert drafter.describe()["prompt_window"] == 4
+    # a window longer than the prompt reads it all
+    whole = ModelDrafter(_copy(tiny, "qwen2"), prompt_window=10_000)
+    SpeculativeGenerator(target, whole, 4).generate(prompt, max_new_tokens=8)
+    assert whole.session.ids[: len(prompt_ids)] == prompt_ids
+    with pytest.raises(ValueError, match="at least 1 token"):
+        ModelDrafter(_copy(tiny, "qwen2"), prompt_window=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_identity_heuristic_schedule_and_confidence_stop(tiny, arch):
     target = tiny(arch)

@@ -54,6 +54,7 @@ class ModeConfig:
     confidence_stop: bool = False  # auto: end drafts by the draft's confidence
     layer_skip_k: int | None = None  # layer skip: the most tokens per round (None: k)
     confidence_threshold: float | None = None  # our draft model: stop below this probability
+    draft_prompt_window: int | None = None  # our draft model: prompt tokens it reads (None: all)
     lookup_tokens: int = 10  # both prompt lookups: tokens per draft
     ngram_max: int = 3  # our prompt lookup: longest n-gram
     ngram_min: int = 1  # our prompt lookup: shortest n-gram
@@ -166,7 +167,11 @@ def _hf_assisted(
 def _ours_draft(
     target: LoadedModel, draft: LoadedModel, config: ModeConfig, draft_key: str | None
 ) -> SpecDecodeMode:
-    drafter = ModelDrafter(draft, confidence_threshold=config.confidence_threshold)
+    drafter = ModelDrafter(
+        draft,
+        confidence_threshold=config.confidence_threshold,
+        prompt_window=config.draft_prompt_window,
+    )
     generator = SpeculativeGenerator(target, drafter, config.schedule_for(config.k))
     return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
 

@@ -33,6 +33,7 @@ from specdecode.cli.common import (
     draft_kernels,
     draft_spec,
     load_target,
+    prompt_window,
     sampling_kwargs,
     session_kind,
     target_spec,
@@ -116,6 +117,13 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="our draft model: stop drafting below this probability",
+    )
+    group.add_argument(
+        "--draft-prompt-window",
+        type=prompt_window,
+        default=None,
+        metavar="N",
+        help="our draft model: read only the last N prompt tokens (docs/speed.md)",
     )
     group.add_argument(
         "--lookup-tokens", type=int, default=10, help="both prompt lookups: tokens per draft"
@@ -233,6 +241,7 @@ def _mode_config(args: argparse.Namespace, profile: SkipProfile | None) -> ModeC
         schedule=args.draft_schedule,
         confidence_stop=args.confidence_stop,
         confidence_threshold=args.confidence_threshold,
+        draft_prompt_window=args.draft_prompt_window,
         lookup_tokens=args.lookup_tokens,
         ngram_max=args.ngram_max,
         ngram_min=args.ngram_min,

@@ -102,6 +102,15 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="draft model: stop drafting when its probability of a token falls below this",
     )
+    group.add_argument(
+        "--draft-prompt-window",
+        type=prompt_window,
+        default=None,
+        metavar="N",
+        help="draft model: read only the last N prompt tokens (and all generated ones), so its "
+        "prefill of a long prompt costs less; lossless, changes acceptance only. Measured: "
+        "1.02-1.21x on RAG prompts with short answers, 0.66-0.93x on summarization (docs/speed.md)",
+    )
     group.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram")
     group.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram")
 
@@ -185,6 +194,19 @@ def load_target(args: argparse.Namespace, keep_torch_kernels: bool = False) -> L
     )
 
 
+def prompt_window(value: str) -> int:
+    """``--draft-prompt-window``: a count of tokens, at least 1."""
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(
+            f"the draft's prompt window must be a whole number of tokens, at least 1, got {value!r}"
+        )
+    return tokens
+
+
 def session_kind(args: argparse.Namespace) -> str:
     """The --kv-cache asked (``dynamic`` where the command has no such option)."""
     return str(getattr(args, "kv_cache", DYNAMIC))
@@ -212,7 +234,11 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
             session_kind=session_kind(args),
         )
         check_same_vocabulary(target.tokenizer, draft.tokenizer)
-        return ModelDrafter(draft, confidence_threshold=args.confidence_threshold)
+        return ModelDrafter(
+            draft,
+            confidence_threshold=args.confidence_threshold,
+            prompt_window=getattr(args, "draft_prompt_window", None),
+        )
     if args.prompt_lookup:
         return PromptLookupDrafter(max_ngram=args.ngram_max, min_ngram=args.ngram_min)
     return None

@@ -22,21 +22,37 @@ class ModelDrafter(Drafter):
         confidence_threshold: stop drafting early once the draft's probability of the token it
             just chose falls below this value (transformers' ``assistant_confidence_threshold``);
             None drafts the full k.
+        prompt_window: the draft reads only the last ``prompt_window`` tokens of each prompt
+            (and everything generated after it), so that its prefill of a long prompt costs
+            less; None reads the whole prompt. Lossless either way: only acceptance changes.
     """
 
     name = "draft-model"
 
-    def __init__(self, draft: LoadedModel, confidence_threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        draft: LoadedModel,
+        confidence_threshold: float | None = None,
+        prompt_window: int | None = None,
+    ) -> None:
         if confidence_threshold is not None and not 0 <= confidence_threshold < 1:
             raise InvalidSettingsError(
                 f"the confidence threshold must be in [0, 1), got {confidence_threshold}"
             )
+        if prompt_window is not None and prompt_window < 1:
+            raise InvalidSettingsError(
+                f"the draft's prompt window must be at least 1 token, got {prompt_window}"
+            )
         self.draft = draft
         self.confidence_threshold = confidence_threshold
+        self.prompt_window = prompt_window
         self.session = draft.new_session()
+        self._skip = 0  # leading tokens of the sequence the draft does not read
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.session.reset()
+        window = self.prompt_window
+        self._skip = max(0, len(prompt_ids) - window) if window is not None else 0
 
     def reserve(self, positions: int) -> None:
         self.session.reserve(positions)
@@ -51,7 +67,7 @@ class ModelDrafter(Drafter):
         start = time.perf_counter()
         ids = list(ids)
         reads_prompt = self.session.length == 0  # the sequence's first draft: its prefill
-        logits = self.session.forward(self.session.sync(ids), 1)[-1]
+        logits = self.session.forward(self.session.sync(ids[self._skip :]), 1)[-1]
         prefill_seconds = 0.0
         if reads_prompt:
             synchronize(self.session.device)
@@ -85,4 +101,5 @@ class ModelDrafter(Drafter):
             "name": self.name,
             "model": self.draft.name,
             "confidence_threshold": self.confidence_threshold,
+            "prompt_window": self.prompt_window,
         }
