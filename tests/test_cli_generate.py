@@ -39,7 +39,6 @@ def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
         ["--draft", "perturbed", "--draft-dtype", "float32", "--draft-schedule", "constant"],
         ["--draft", "perturbed", "--kv-cache", "static"],  # int8 draft on a static cache too
         ["--draft", "perturbed", "--draft-prompt-window", "3"],  # reads the prompt's tail
-        ["--draft", "perturbed", "--prompt-lookup"],  # copies where it can, else the draft model
     ],
 )
 def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):
@@ -87,7 +86,6 @@ def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
         (["-n", "0"], "num-samples"),
         (["--draft-prompt-window", "0"], "prompt window"),
         (["--draft-prompt-window", "many"], "prompt window"),
-        (["--prompt-lookup", "--skip-profile", "profile.json"], "not with --skip-profile"),
     ],
 )
 def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):

@@ -92,35 +92,6 @@ def test_a_draft_reading_only_the_prompts_tail_keeps_the_output_and_reads_less(t
         ModelDrafter(_copy(tiny, "qwen2"), prompt_window=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lookup_then_draft_model_keeps_the_output_and_uses_both(tiny, arch):
-    """Prompt lookup drafts where the context repeats, the draft model elsewhere; the draft
-    model catches up on what it did not draft, and the output is the target's."""
-    from specdecode.drafters.combined import LookupThenModelDrafter
-
-    target = tiny(arch)
-    drafter = LookupThenModelDrafter(
-        ModelDrafter(tiny(arch, "perturbed")), PromptLookupDrafter(max_ngram=3, min_ngram=2)
-    )
-    generator = SpeculativeGenerator(target, drafter, draft_length=4)
-    lookups = models = 0
-    for prompt in PROMPTS:
-        result = generator.generate(prompt, max_new_tokens=NEW)
-        assert result.token_ids == reference(target, prompt), prompt
-        lookups += drafter.lookup_drafts
-        models += drafter.model_drafts
-        assert drafter.lookup_drafts + drafter.model_drafts >= result.stats.rounds - 1
-    assert lookups > 0 and models > 0  # both drafted: the test covers the switch between them
-    assert drafter.describe()["lookup"] == {"name": "prompt-lookup", "max_ngram": 3, "min_ngram": 2}
-
-
-def test_lookup_beside_a_draft_model_needs_a_match_of_two_tokens(tiny):
-    from specdecode.drafters.combined import LookupThenModelDrafter
-
-    with pytest.raises(ValueError, match="--ngram-min 2"):
-        LookupThenModelDrafter(ModelDrafter(tiny("qwen2", "perturbed")), PromptLookupDrafter(3, 1))
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_identity_heuristic_schedule_and_confidence_stop(tiny, arch):
     target = tiny(arch)

@@ -16,7 +16,6 @@ from specdecode import (
 )
 from specdecode.cli.common import sampling_kwargs
 from specdecode.cli.main import build_parser, main
-from specdecode.drafters.combined import LookupThenModelDrafter
 from specdecode.sampling import SeededSampler
 
 PROMPT = "def add(a, b):\n    return a + b\ndef add"
@@ -45,11 +44,6 @@ def _speculative(tiny, arch):
         ),
         ("unrelated draft k=3", ModelDrafter(unrelated), 3),
         ("prompt lookup k=4", PromptLookupDrafter(max_ngram=2), 4),
-        (
-            "lookup, else draft-model k=3",
-            LookupThenModelDrafter(ModelDrafter(close), PromptLookupDrafter(3, min_ngram=2)),
-            3,
-        ),
     ]
 
 

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdecode.drafters import (
-    Drafter,
-    LookupThenModelDrafter,
-    ModelDrafter,
-    PromptLookupDrafter,
-    make_schedule,
-)
+from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
-from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.models.kernels import AUTO, KERNEL_CHOICES, ONEDNN
 from specdecode.models.loading import DYNAMIC, SESSION_KINDS
@@ -66,11 +59,8 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)"
     )
-    group.add_argument(
-        "--prompt-lookup",
-        action="store_true",
-        help="draft by n-gram lookup in prompt and output; with --draft, copy from the context "
-        "where its last 2+ tokens occurred before and let the draft model draft elsewhere",
+    which.add_argument(
+        "--prompt-lookup", action="store_true", help="draft by n-gram lookup in prompt and output"
     )
     which.add_argument(
         "--skip-profile",
@@ -122,12 +112,7 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "1.02-1.21x on RAG prompts with short answers, 0.66-0.93x on summarization (docs/speed.md)",
     )
     group.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram")
-    group.add_argument(
-        "--ngram-min",
-        type=int,
-        default=None,
-        help="prompt lookup: shortest n-gram (default 1; 2 beside a draft model)",
-    )
+    group.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -235,19 +220,10 @@ def draft_kernels(args: argparse.Namespace) -> str:
 
 def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
     if getattr(args, "skip_profile", None):
-        if args.prompt_lookup:
-            raise InvalidSettingsError(
-                "--prompt-lookup combines with --draft, not with --skip-profile: drop one"
-            )
         from specdecode.search.profile import drafter_from_profile
 
         return drafter_from_profile(args.skip_profile, target)
     draft_name = draft_spec(args)
-    lookup = None
-    if args.prompt_lookup:
-        beside_a_model = draft_name is not None
-        min_ngram = args.ngram_min if args.ngram_min is not None else (2 if beside_a_model else 1)
-        lookup = PromptLookupDrafter(max_ngram=max(args.ngram_max, min_ngram), min_ngram=min_ngram)
     if draft_name:
         draft = load_model(
             draft_name,
@@ -258,13 +234,14 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
             session_kind=session_kind(args),
         )
         check_same_vocabulary(target.tokenizer, draft.tokenizer)
-        model = ModelDrafter(
+        return ModelDrafter(
             draft,
             confidence_threshold=args.confidence_threshold,
             prompt_window=getattr(args, "draft_prompt_window", None),
         )
-        return model if lookup is None else LookupThenModelDrafter(model, lookup)
-    return lookup
+    if args.prompt_lookup:
+        return PromptLookupDrafter(max_ngram=args.ngram_max, min_ngram=args.ngram_min)
+    return None
 
 
 def build_schedule(args: argparse.Namespace) -> DraftLength:

@@ -1,8 +1,6 @@
-"""Drafters behind one small interface: a draft model, prompt lookup, both in turn (and layer
-skipping)."""
+"""Drafters behind one small interface: a draft model, prompt lookup (and layer skipping)."""
 
 from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
-from specdecode.drafters.combined import LookupThenModelDrafter
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter, find_continuation
@@ -24,7 +22,6 @@ __all__ = [
     "FixedLength",
     "HeuristicLength",
     "LayerSkipDrafter",
-    "LookupThenModelDrafter",
     "ModelDrafter",
     "PromptLookupDrafter",
     "find_continuation",
