@@ -24,6 +24,7 @@ from specdecode.bench import (
     write_report,
 )
 from specdecode.bench.catalog import (
+    HF_ASSISTED,
     MODE_NAMES,
     NEEDS_SKIP,
     OURS_DRAFT,
@@ -153,6 +154,19 @@ def test_modes_rotate_so_each_takes_every_slot(models):
     firsts = [runner.order(i, r)[0].name for i in range(3) for r in range(2)]
     assert set(firsts) == {REFERENCE, OURS_PLAIN, OURS_DRAFT}
     assert sorted(m.name for m in runner.order(1, 1)) == sorted(m.name for m in modes)
+
+
+def test_a_draft_with_a_prompt_window_has_a_cost_of_its_own(models):
+    """transformers' assistant reads the whole prompt, our windowed draft does not: the bench
+    must time their draft steps apart, not take one for the other."""
+    target, draft = models
+    names = [HF_ASSISTED, OURS_DRAFT]
+    plain = {m.name: m for m in standard_modes(target, names, ModeConfig(), draft=draft)}
+    windowed = ModeConfig(draft_prompt_window=8)
+    cut = {m.name: m for m in standard_modes(target, names, windowed, draft=draft)}
+    assert plain[OURS_DRAFT].cost_probe.key == plain[HF_ASSISTED].cost_probe.key
+    assert cut[OURS_DRAFT].cost_probe.key == f"{cut[HF_ASSISTED].cost_probe.key}, prompt window 8"
+    assert cut[OURS_DRAFT].generator.drafter.prompt_window == 8
 
 
 def test_heuristic_schedule_starts_equal_on_every_call(models, cases):

@@ -23,6 +23,12 @@ from specdecode.models import load_model
         ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
         ("triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_11", "other"),
         ("aten::silu", "other"),
+        ("aten::bmm", "matmul"),
+        ("triton_tem_fused_mm_0", "matmul"),
+        ("quantized::linear_dynamic", "matmul"),
+        ("triton_poi_fused_addmm_gelu_3", "other"),  # a bias fused with its activation
+        ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_4", "other"),
+        ("aten::summary_of_commits", "other"),  # "mm" inside a word is not a product
     ],
 )
 def test_kernels_are_grouped_by_name(name, group):
@@ -84,6 +90,23 @@ def test_the_command_writes_a_report(tmp_path):
     assert report["weight_bytes"] > 0
     markdown = (tmp_path / "profile.md").read_text()
     assert "| 1 |" in markdown and "| 3 |" in markdown
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sizes", "0"], "--sizes must be in"),
+        (["--sizes", "200"], "--sizes must be in"),
+        (["--sizes", "one"], "comma-separated integers"),
+        (["--repetitions", "0"], "--repetitions must be at least 1"),
+        (["--dtype", "foo"], "--dtype must be one of"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--tiny", "--device", "cpu", "--out", str(tmp_path), *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cuda_is_refused_clearly_without_a_gpu(tmp_path):

@@ -173,6 +173,9 @@ def _ours_draft(
         prompt_window=config.draft_prompt_window,
     )
     generator = SpeculativeGenerator(target, drafter, config.schedule_for(config.k))
+    if draft_key is not None and config.draft_prompt_window is not None:
+        # a draft reading fewer tokens steps at another cost than transformers' assistant
+        draft_key = f"{draft_key}, prompt window {config.draft_prompt_window}"
     return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
 
 

@@ -44,17 +44,25 @@ from specdecode.models.timing import synchronize
 log = logging.getLogger(__name__)
 
 GROUPS = ("matmul", "attention", "other")
+# inductor's generated pointwise/reduction kernels are named after every op they fused (a copy
+# "fused__scaled_dot_product_..._attention", a bias "fused_addmm_gelu"): they are "other" work
+_FUSED_POINTWISE = re.compile(r"^triton_(poi|red|per)_")
 _MATMUL = re.compile(
-    r"gemm|gemv|nvjet|cublas|cutlass|splitk|\bmm\b|addmm|linear|matmul|mkldnn|onednn"
+    r"gemm|gemv|nvjet|cublas|cutlass|splitk|(?<![a-z])b?mm(?![a-z])|addmm|linear|matmul|mkldnn"
+    r"|onednn|quantized::"
 )
 _ATTENTION = re.compile(r"attention|sdpa|flash|fmha")
 # Wrappers whose time is their children's: counting them would count a kernel twice.
 _WRAPPERS = re.compile(r"^(## Call CompiledFxGraph|CompiledFunction|Torch-Compiled Region)")
+# On a CPU only operators count as kernels, not Python or profiler ranges.
+_CPU_OPERATORS = ("aten::", "mkldnn", "quantized::")
 
 
 def kernel_group(name: str) -> str:
     """The group of a kernel or operator, by its name (see the module's docstring)."""
     lowered = name.lower()
+    if _FUSED_POINTWISE.match(lowered):
+        return "other"
     if _ATTENTION.search(lowered):
         return "attention"
     if _MATMUL.search(lowered):
@@ -124,6 +132,8 @@ def profile_passes(
     """
     if not context:
         raise ValueError("profile_passes needs a non-empty context")
+    if repetitions < 1:
+        raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     if not sizes or min(sizes) < 1 or max(sizes) > len(context):
         raise ValueError(
             f"sizes must be in [1, {len(context)}] (the context's length), got {sizes}"
@@ -155,7 +165,7 @@ def profile_passes(
             start = time.perf_counter()
             for _ in range(repetitions):
                 one_pass()
-            synchronize(device)
+                synchronize(device)  # as the timed passes: each waits for its kernels
             profiled = (time.perf_counter() - start) / repetitions
         groups = dict.fromkeys(GROUPS, 0.0)
         by_name: dict[str, float] = {}
@@ -163,8 +173,10 @@ def profile_passes(
             is_device = event.device_type != DeviceType.CPU
             if is_device != on_device or _WRAPPERS.match(event.name):
                 continue
-            if not on_device and not event.name.startswith(("aten::", "specdecode::", "mkldnn")):
-                continue  # on a CPU only operators count as kernels, not Python or profiler ranges
+            if getattr(event, "is_user_annotation", False):  # a range around kernels
+                continue
+            if not on_device and not event.name.startswith(_CPU_OPERATORS):
+                continue
             seconds = _event_seconds(event, on_device) / repetitions
             groups[kernel_group(event.name)] += seconds
             by_name[event.name] = by_name.get(event.name, 0.0) + seconds
@@ -261,10 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
     except ValueError:
         parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > args.context:
+        parser.error(f"--sizes must be in [1, --context={args.context}], got {args.sizes!r}")
+    if args.repetitions < 1:
+        parser.error(f"--repetitions must be at least 1, got {args.repetitions}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device; pass --device cpu")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtypes = ("float32", "bfloat16", "float16") + (("int8",) if args.model else ())
+    if dtype_name not in dtypes:
+        parser.error(f"--dtype must be one of {', '.join(dtypes)}, got {dtype_name!r}")
     kind = args.kv_cache or ("compiled" if device.type == "cuda" else "dynamic")
     if args.threads:
         torch.set_num_threads(args.threads)

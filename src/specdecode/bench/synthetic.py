@@ -209,7 +209,9 @@ def weight_bytes(model: Any) -> int:
     for tensor in [*model.parameters(), *model.buffers()]:
         seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     embedding = model.get_input_embeddings().weight
-    if embedding.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+    output = model.get_output_embeddings()
+    # a packed output layer is never tied to the embeddings (its .weight would unpack a copy)
+    if isinstance(output, PackedLinear) or embedding.data_ptr() != output.weight.data_ptr():
         seen.pop(embedding.data_ptr(), None)
     packed = 0  # oneDNN-packed linear layers hold their weights outside the parameters
     for module in model.modules():
