@@ -325,6 +325,35 @@ class AlteredMode(Mode):
         return {**self.inner.describe(), "altered_position": self.position}
 
 
+def test_a_long_prompt_category_gets_costs_measured_at_its_own_context(models, cases, tmp_path):
+    """Bounds of a long-prompt category come from passes at its context, not the run's."""
+    target, draft = models
+    long_ids = (cases[0].prompt_ids * 200)[:400]
+    run_cases = [*cases[:2], BenchCase("long", "rag", long_ids)]
+    modes = standard_modes(target, [REFERENCE, OURS_DRAFT], ModeConfig(k=3), draft=draft)
+    report = run_benchmark(
+        target,
+        modes,
+        run_cases,
+        {"max_new_tokens": NEW, "do_sample": False},
+        BenchOptions(warmup=0, cost_repetitions=1),
+        {"target": "tiny"},
+    )
+    assert list(report.category_costs) == ["rag"]
+    own = report.category_costs["rag"]
+    assert own.context_tokens >= 400 > report.costs.context_tokens
+    assert set(own.draft_step) == set(report.costs.draft_step)
+    rag = next(s for s in report.summaries if s.mode == OURS_DRAFT and s.category == "rag")
+    assert any("this category's context" in note for note in rag.notes)
+    assert rag.c == pytest.approx(own.c(modes[1].cost_probe.key))
+    code = next(s for s in report.summaries if s.mode == OURS_DRAFT and s.category == "code")
+    assert not any("this category's context" in note for note in code.notes)
+    write_report(report, tmp_path, plots=False)
+    assert "at the context of rag" in (tmp_path / "results.md").read_text()
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["category_costs"]["rag"]["context_tokens"] == own.context_tokens
+
+
 def test_a_non_identical_mode_is_reported_loudly(models, cases, tmp_path):
     target, draft = models
     modes = standard_modes(target, [REFERENCE, OURS_PLAIN, OURS_DRAFT], ModeConfig(), draft=draft)

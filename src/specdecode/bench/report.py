@@ -44,6 +44,7 @@ class BenchReport:
     run: BenchRun
     summaries: list[ModeSummary]
     costs: StepCosts | None = None
+    category_costs: dict[str, StepCosts] = field(default_factory=dict)  # long categories' own
     plots: list[str] = field(default_factory=list)  # file names, relative to the output folder
     notes: list[str] = field(default_factory=list)
 
@@ -73,6 +74,7 @@ class BenchReport:
                 "mismatches": [m.to_dict() for m in run.mismatches],
             },
             "costs": None if self.costs is None else self.costs.to_dict(),
+            "category_costs": {name: c.to_dict() for name, c in self.category_costs.items()},
             "summaries": [s.to_dict() for s in self.summaries],
             "warmup_seconds": run.warmup_seconds,
             "records": [r.to_dict() for r in run.records],
@@ -96,6 +98,7 @@ def render_markdown(report: BenchReport) -> str:
         _tables(report),
         _acceptance(report.summaries),
         _costs(report.costs),
+        *(_costs(c, category) for category, c in report.category_costs.items()),
         _modes(report.modes),
         _notes(report),
     ]
@@ -193,11 +196,12 @@ def _acceptance(summaries: Sequence[ModeSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _costs(costs: StepCosts | None) -> str:
+def _costs(costs: StepCosts | None, category: str | None = None) -> str:
     if costs is None:
         return ""
     lines = [
-        "## Measured single-step costs",
+        "## Measured single-step costs"
+        + ("" if category is None else f" at the context of {category} (its bounds use them)"),
         "",
         f"At {costs.context_tokens} tokens of context, median of {costs.repetitions} "
         "repetitions after a warm-up.",

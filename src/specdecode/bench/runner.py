@@ -134,10 +134,14 @@ class BenchRun:
                 stream += case.prompt_ids + self.reference_output(case.prompt_id)
         return stream[:length]
 
-    def median_context(self) -> int:
-        """A typical context during decoding: median prompt plus half the median output."""
-        prompts = [len(c.prompt_ids) for c in self.cases]
-        outputs = [len(self.reference_output(c.prompt_id)) for c in self.cases]
+    def median_context(self, category: str | None = None) -> int:
+        """A typical context during decoding: median prompt plus half the median output (of
+        ``category``'s prompts when given, else of all)."""
+        cases = [c for c in self.cases if category in (None, c.category)]
+        if not cases:
+            raise ValueError(f"no prompt of category {category!r} in this run")
+        prompts = [len(c.prompt_ids) for c in cases]
+        outputs = [len(self.reference_output(c.prompt_id)) for c in cases]
         return int(statistics.median(prompts) + statistics.median(outputs) / 2)
 
 

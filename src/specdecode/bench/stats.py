@@ -97,14 +97,18 @@ def summarize(
     costs: StepCosts | None = None,
     cost_keys: dict[str, str] | None = None,
     plain_of: dict[str, str] | None = None,
+    category_costs: dict[str, StepCosts] | None = None,
 ) -> list[ModeSummary]:
     """One :class:`ModeSummary` per mode and category. ``cost_keys`` maps a mode to its key in
     ``costs.draft_step``; without ``costs`` the c, c_v and bound columns stay empty.
     ``plain_of`` maps a mode to the plain mode its bound is compared with (default: the
-    reference): the bound counts target steps, so the plain mode must run on the same kernels."""
-    cost_keys, plain_of = cost_keys or {}, plain_of or {}
+    reference): the bound counts target steps, so the plain mode must run on the same kernels.
+    ``category_costs`` holds costs measured at a category's own context (long prompts), used
+    for that category's rows instead of ``costs``."""
+    cost_keys, plain_of, category_costs = cost_keys or {}, plain_of or {}, category_costs or {}
     out = []
     for category in categories(run):
+        own_costs = category_costs.get(category)
         records = [r for r in run.records if category in (ALL, r.category)]
         reference = _per_prompt_rate([r for r in records if r.mode == REFERENCE])
         ref_aggregate = _aggregate_rate([r for r in records if r.mode == REFERENCE])
@@ -123,7 +127,12 @@ def summarize(
                             f"efficiency: decoding speedup over {plain} (same kernels; the "
                             "prompt's prefill, which the bound does not model, left out)"
                         )
-                add_bounds(summary, costs, cost_keys.get(mode), over_plain)
+                if own_costs is not None:
+                    summary.notes.append(
+                        f"bounds from costs measured at this category's context "
+                        f"({own_costs.context_tokens} tokens)"
+                    )
+                add_bounds(summary, own_costs or costs, cost_keys.get(mode), over_plain)
             out.append(summary)
     return out
 

@@ -25,6 +25,10 @@ from specdecode.models import LoadedModel
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+# a category whose typical context is this many times the run's (and this many tokens longer)
+# gets single-step costs measured at its own context
+LONG_CONTEXT_FACTOR = 2.0
+LONG_CONTEXT_MARGIN = 128
 
 
 @dataclass(frozen=True)
@@ -59,15 +63,20 @@ def run_benchmark(
     )
     run = runner.run(cases, on_record=on_record, on_mismatch=on_mismatch)
     costs = measure_run_costs(run, target, modes, options.cost_repetitions)
+    category_costs = measure_category_costs(run, target, modes, options.cost_repetitions, costs)
     cost_keys = {m.name: m.cost_probe.key for m in modes if m.cost_probe is not None}
     described = {m.name: m.describe() for m in modes}
+    summaries = summarize(
+        run, costs, cost_keys, plain_modes(described, costs), category_costs=category_costs
+    )
     return BenchReport(
         environment=environment,
         settings=settings,
         modes=described,
         run=run,
-        summaries=summarize(run, costs, cost_keys, plain_modes(described, costs)),
+        summaries=summaries,
         costs=costs,
+        category_costs=category_costs,
     )
 
 
@@ -93,6 +102,38 @@ def measure_run_costs(
     probes: list[CostProbe] = [m.cost_probe for m in modes if m.cost_probe is not None]
     context = run.token_stream(run.median_context() + max([1, *ks]) + 1)
     return measure_costs(target, context, ks, probes, repetitions)
+
+
+def long_categories(run: BenchRun, factor: float = LONG_CONTEXT_FACTOR) -> dict[str, int]:
+    """Categories whose typical context is at least ``factor`` times the run's (and at least
+    ``LONG_CONTEXT_MARGIN`` tokens longer), with that context: their passes cost more than the
+    run's costs say (attention grows with the context), so their bounds need costs of their own.
+    """
+    overall = run.median_context()
+    out = {}
+    for category in dict.fromkeys(c.category for c in run.cases):
+        context = run.median_context(category)
+        if context >= factor * overall and context >= overall + LONG_CONTEXT_MARGIN:
+            out[category] = context
+    return out
+
+
+def measure_category_costs(
+    run: BenchRun,
+    target: LoadedModel,
+    modes: Sequence[Mode],
+    repetitions: int,
+    costs: StepCosts,
+) -> dict[str, StepCosts]:
+    """Costs at the context of each long category (:func:`long_categories`), for the same k and
+    drafters as the run's costs."""
+    ks = sorted(costs.verify)
+    probes: list[CostProbe] = [m.cost_probe for m in modes if m.cost_probe is not None]
+    out = {}
+    for category, context in long_categories(run).items():
+        stream = run.token_stream(context + max([1, *ks]) + 1)
+        out[category] = measure_costs(target, stream, ks, probes, repetitions)
+    return out
 
 
 def write_report(report: BenchReport, folder: Path, plots: bool = True) -> list[Path]:
