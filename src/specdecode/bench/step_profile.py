@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import re
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from torch.profiler import DeviceType, ProfilerActivity, profile
 
 from specdecode.models import LoadedModel
 from specdecode.models.session import Session
-from specdecode.models.timing import synchronize
+from specdecode.models.timing import median_time, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +150,7 @@ def profile_passes(
             session.forward(ids, size)
             session.truncate(length)
 
-        for _ in range(max(1, session.warmup_passes)):
-            one_pass()
-        synchronize(device)
-        walls = []
-        for _ in range(repetitions):
-            start = time.perf_counter()
-            one_pass()
-            synchronize(device)
-            walls.append(time.perf_counter() - start)
+        wall = median_time(one_pass, repetitions, device, warmup=max(1, session.warmup_passes))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
         with profile(activities=activities) as prof:
             start = time.perf_counter()
@@ -181,7 +172,7 @@ def profile_passes(
             groups[kernel_group(event.name)] += seconds
             by_name[event.name] = by_name.get(event.name, 0.0) + seconds
         top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
-        results.append(PassProfile(size, statistics.median(walls), profiled, groups, top))
+        results.append(PassProfile(size, wall, profiled, groups, top))
     return results
 
 

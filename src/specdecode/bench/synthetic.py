@@ -216,8 +216,7 @@ def weight_bytes(model: Any) -> int:
     packed = 0  # oneDNN-packed linear layers hold their weights outside the parameters
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            item = torch.empty((), dtype=module.dtype).element_size()
-            packed += module.in_features * module.out_features * item
+            packed += module.in_features * module.out_features * module.dtype.itemsize
     return sum(seen.values()) + packed
 
 
