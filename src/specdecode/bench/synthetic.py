@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from specdecode.bench.stats import leviathan_speedup
 from specdecode.decoding import SpeculativeGenerator
@@ -210,13 +211,21 @@ def weight_bytes(model: Any) -> int:
         seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    # a packed output layer is never tied to the embeddings (its .weight would unpack a copy)
-    if isinstance(output, PackedLinear) or embedding.data_ptr() != output.weight.data_ptr():
+    # a packed or int8 output layer is never tied to the embeddings (the first's .weight would
+    # unpack a copy, the second's .weight is a method returning its quantized weight)
+    if isinstance(output, (PackedLinear, DynamicQuantizedLinear)) or (
+        embedding.data_ptr() != output.weight.data_ptr()
+    ):
         seen.pop(embedding.data_ptr(), None)
-    packed = 0  # oneDNN-packed linear layers hold their weights outside the parameters
+    # oneDNN-packed and dynamically quantized layers hold their weights outside the parameters
+    packed = 0
     for module in model.modules():
         if isinstance(module, PackedLinear):
             packed += module.in_features * module.out_features * module.dtype.itemsize
+        elif isinstance(module, DynamicQuantizedLinear):
+            packed += module.in_features * module.out_features  # one byte a weight
+            bias = module.bias()  # held with the weight, in float
+            packed += 0 if bias is None else bias.numel() * bias.element_size()
     return sum(seen.values()) + packed
 
 
