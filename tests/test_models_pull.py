@@ -506,7 +506,8 @@ def test_generate_without_target_uses_the_default_pair(
     install_as(release, DEFAULT_DRAFT)
     assert main(["generate", "def add(a, b):", "--max-new-tokens", "6", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
-    assert stats["drafted"] > 0 and stats["accepted"] == stats["drafted"]  # draft == target
+    # the draft is the same tiny model, in int8 beside the float32 target: most tokens accepted
+    assert stats["drafted"] > 0 and stats["accepted"] >= stats["drafted"] // 2
 
     plain = ["generate", "def add(a, b):", "--target", DEFAULT_TARGET, "--max-new-tokens", "6"]
     assert main([*plain, "--json"]) == 0

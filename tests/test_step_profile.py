@@ -66,6 +66,19 @@ def test_packed_weights_count_as_the_bytes_a_step_reads(tiny_dir):
     assert weight_bytes(packed.model) == weight_bytes(plain.model)
 
 
+def test_int8_weights_count_one_byte_each(tiny_dir):
+    """Dynamically quantized layers keep their weights outside the parameters: a step still
+    reads each of them, one byte a weight (with the float32 embeddings and norms beside)."""
+    int8 = load_model(tiny_dir("qwen2"), device="cpu", dtype="int8")
+    plain = load_model(tiny_dir("qwen2"), device="cpu", kernels="torch")
+    linear = sum(
+        module.weight.numel()
+        for module in plain.model.modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    assert weight_bytes(int8.model) == weight_bytes(plain.model) - 3 * linear
+
+
 def test_the_command_writes_a_report(tmp_path):
     assert (
         main(
@@ -100,6 +113,7 @@ def test_the_command_writes_a_report(tmp_path):
         (["--sizes", "one"], "comma-separated integers"),
         (["--repetitions", "0"], "--repetitions must be at least 1"),
         (["--dtype", "foo"], "--dtype must be one of"),
+        (["--forward", "lean"], "--forward lean needs --model"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, extra, message):

@@ -186,7 +186,7 @@ def profile_model(
         model=loaded.name,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
-        session=type(session).__name__ + f" ({loaded.session_kind})",
+        session=type(session).__name__ + f" ({loaded.session_kind}, {loaded.forward_name} forward)",
         context_tokens=len(context),
         weight_bytes=weight_bytes(loaded.model),
     )
@@ -253,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["dynamic", "static", "compiled"],
         help="the session kind; default: compiled on a GPU, dynamic on a CPU",
     )
+    parser.add_argument(
+        "--forward",
+        default="transformers",
+        choices=["transformers", "lean"],
+        help="with --model on a dynamic session: transformers' forward (default) or our lean "
+        "one (specdecode.models.lean, what draft models run)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny synthetic model: a smoke run")
     parser.add_argument("--sizes", default="1,5", help="pass sizes in tokens, comma-separated")
@@ -276,12 +283,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dtype_name not in dtypes:
         parser.error(f"--dtype must be one of {', '.join(dtypes)}, got {dtype_name!r}")
     kind = args.kv_cache or ("compiled" if device.type == "cuda" else "dynamic")
+    if args.forward == "lean" and (kind != "dynamic" or not args.model):
+        parser.error("--forward lean needs --model and a dynamic session (--kv-cache dynamic)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
         from specdecode.models import load_model
 
-        loaded = load_model(args.model, dtype=dtype_name, device=args.device, session_kind=kind)
+        loaded = load_model(
+            args.model,
+            dtype=dtype_name,
+            device=args.device,
+            session_kind=kind,
+            forward=args.forward,
+        )
         vocab = loaded.model.config.vocab_size
     else:
         spec = TINY if args.tiny else SyntheticSpec()

@@ -28,8 +28,10 @@ from specdecode.bench import (
 )
 from specdecode.bench.stats import ALL
 from specdecode.cli.common import (
+    add_draft_forward,
     add_model_args,
     add_sampling_args,
+    draft_forward,
     draft_kernels,
     draft_spec,
     load_target,
@@ -92,6 +94,7 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         help="draft model precision (default: int8 next to a float32 target on the CPU, else "
         "the target's; int8: dynamic quantization, CPU only)",
     )
+    add_draft_forward(group)
     group.add_argument(
         "--skip-profile",
         help="layer-skip profile (from `specdecode search`): adds the ours-layer-skip mode, "
@@ -224,6 +227,7 @@ def _load_draft(args: argparse.Namespace, target: LoadedModel) -> LoadedModel | 
         kernels=draft_kernels(args),
         keep_torch_kernels=True,
         session_kind=session_kind(args),
+        forward=draft_forward(args),
     )
     check_same_vocabulary(target.tokenizer, draft.tokenizer)
     return draft

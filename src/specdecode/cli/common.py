@@ -9,7 +9,13 @@ from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
 from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.models.kernels import AUTO, KERNEL_CHOICES, ONEDNN
-from specdecode.models.loading import DYNAMIC, SESSION_KINDS
+from specdecode.models.loading import (
+    AUTO_FORWARD,
+    DYNAMIC,
+    FORWARD_CHOICES,
+    SESSION_KINDS,
+    TRANSFORMERS_FORWARD,
+)
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
@@ -75,6 +81,7 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "the target's; int8: dynamic quantization of its Linear layers, CPU only); never "
         "changes the output, only speed and acceptance",
     )
+    add_draft_forward(group)
     group.add_argument(
         "-k",
         "--num-draft-tokens",
@@ -207,6 +214,27 @@ def prompt_window(value: str) -> int:
     return tokens
 
 
+def add_draft_forward(group: Any) -> None:
+    """``--draft-forward``: the draft model's forward pass (generate, serve, bench)."""
+    group.add_argument(
+        "--draft-forward",
+        default=AUTO_FORWARD,
+        choices=list(FORWARD_CHOICES),
+        help="the draft model's forward pass: auto (default) runs our lean forward (fused "
+        "projections, less Python per step) on Llama, Qwen2 and Mistral drafts with full "
+        "attention and transformers' on others; lean insists; transformers keeps theirs. Never "
+        "changes the output, only the draft's speed",
+    )
+
+
+def draft_forward(args: argparse.Namespace) -> str:
+    """The --draft-forward asked; transformers' forward for sessions other than dynamic (the
+    lean forward runs on our dynamic cache only)."""
+    if session_kind(args) != DYNAMIC:
+        return TRANSFORMERS_FORWARD
+    return str(getattr(args, "draft_forward", AUTO_FORWARD))
+
+
 def session_kind(args: argparse.Namespace) -> str:
     """The --kv-cache asked (``dynamic`` where the command has no such option)."""
     return str(getattr(args, "kv_cache", DYNAMIC))
@@ -232,6 +260,7 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
             threads=args.threads,
             kernels=draft_kernels(args),
             session_kind=session_kind(args),
+            forward=draft_forward(args),
         )
         check_same_vocabulary(target.tokenizer, draft.tokenizer)
         return ModelDrafter(

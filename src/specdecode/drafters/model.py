@@ -100,6 +100,7 @@ class ModelDrafter(Drafter):
         return {
             "name": self.name,
             "model": self.draft.name,
+            "forward": self.draft.forward_name,
             "confidence_threshold": self.confidence_threshold,
             "prompt_window": self.prompt_window,
         }

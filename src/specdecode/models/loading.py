@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +25,26 @@ from specdecode.models.kernels import (
     choose_kernels,
     pack_linears,
 )
-from specdecode.models.row_padding import tune_row_padding
+from specdecode.models.lean import LeanDecoder, lean_support
+from specdecode.models.row_padding import tune_module_padding, tune_row_padding
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8 = "int8"  # dynamic int8 quantization of the Linear layers (CPU; for draft models)
+INT8_PER_CHANNEL = True  # one weight scale per output row (True) or per layer (docs/speed.md 2b)
 
 # How a model's sessions hold the KV cache (see LoadedModel.new_session)
 DYNAMIC = "dynamic"  # our rollback cache, grown as needed; eager passes (the default)
 STATIC = "static"  # preallocated static cache; eager passes
 COMPILED = "compiled"  # static cache, short passes through torch.compile (CUDA graphs on GPU)
 SESSION_KINDS = (DYNAMIC, STATIC, COMPILED)
+
+# Which forward pass dynamic sessions run (see specdecode.models.lean)
+TRANSFORMERS_FORWARD = "transformers"  # the model's own forward
+LEAN_FORWARD = "lean"  # our fused forward for Llama-family models; an error where it cannot run
+AUTO_FORWARD = "auto"  # lean where it can run, else transformers'
+FORWARD_CHOICES = (AUTO_FORWARD, LEAN_FORWARD, TRANSFORMERS_FORWARD)
 
 
 @dataclass
@@ -48,20 +59,27 @@ class LoadedModel:
     kernels: LinearKernels | None = None  # oneDNN-packed linear layers (None: torch's own)
     session_kind: str = DYNAMIC  # how sessions hold the KV cache: dynamic, static or compiled
     compile_backend: str = "inductor"  # torch.compile's backend for compiled sessions
+    lean: LeanDecoder | None = None  # our forward pass for dynamic sessions (None: the model's)
 
     def new_session(self) -> Any:
         """A session (one sequence and its KV cache) on this model, of ``session_kind``:
-        :class:`~specdecode.models.session.ModelSession` for ``dynamic``,
-        :class:`~specdecode.models.static_session.StaticSession` otherwise."""
+        :class:`~specdecode.models.session.ModelSession` for ``dynamic`` (on the lean forward
+        where the model has one), :class:`~specdecode.models.static_session.StaticSession`
+        otherwise."""
         if self.session_kind == DYNAMIC:
             from specdecode.models.session import ModelSession
 
-            return ModelSession(self.model)
+            return ModelSession(self.model, lean=self.lean)
         from specdecode.models.static_session import StaticSession
 
         return StaticSession(
             self.model, compiled=self.session_kind == COMPILED, backend=self.compile_backend
         )
+
+    @property
+    def forward_name(self) -> str:
+        """The forward pass sessions run: ``lean`` or ``transformers``."""
+        return TRANSFORMERS_FORWARD if self.lean is None else LEAN_FORWARD
 
     @property
     def kernel_name(self) -> str:
@@ -170,6 +188,7 @@ def load_model(
     grouped_attention: bool = True,
     session_kind: str = DYNAMIC,
     compile_backend: str = "inductor",
+    forward: str = TRANSFORMERS_FORWARD,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -194,9 +213,23 @@ def load_model(
     default), ``static`` (preallocated) or ``compiled`` (static, with short passes through
     ``torch.compile(mode="reduce-overhead")``: CUDA graphs on a GPU;
     :mod:`specdecode.models.static_session`).
+
+    ``forward`` picks the forward pass of dynamic sessions: ``transformers`` (the model's own),
+    ``lean`` (:mod:`specdecode.models.lean`: fused projections, for Llama, Qwen2 and Mistral
+    models with full attention; meant for draft models, an error where it cannot run) or
+    ``auto`` (lean where it can run, else transformers').
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if forward not in FORWARD_CHOICES:
+        raise ModelLoadError(
+            f"unknown forward {forward!r}: choose one of {', '.join(FORWARD_CHOICES)}"
+        )
+    if forward == LEAN_FORWARD and session_kind != DYNAMIC:
+        raise ModelLoadError(
+            f"the lean forward runs on dynamic sessions only, not {session_kind!r}: use "
+            "--kv-cache dynamic, or the transformers forward"
+        )
     if session_kind not in SESSION_KINDS:
         raise ModelLoadError(
             f"unknown session kind {session_kind!r}: choose one of {', '.join(SESSION_KINDS)}"
@@ -255,6 +288,11 @@ def load_model(
         linear_kernels = pack_linears(model, keep_originals=keep_torch_kernels)
         if pad_rows:
             tune_row_padding(linear_kernels)
+    lean = None
+    if forward != TRANSFORMERS_FORWARD and session_kind == DYNAMIC:
+        lean = _lean_decoder(model, spec, required=forward == LEAN_FORWARD)
+        if lean is not None and linear_kernels is not None and pad_rows:
+            tune_module_padding(lean.fused_modules())
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -264,22 +302,43 @@ def load_model(
         kernels=linear_kernels,
         session_kind=session_kind,
         compile_backend=compile_backend,
+        lean=lean,
     )
 
 
-def quantize_linear_int8(model: Any) -> Any:
+def _lean_decoder(model: Any, spec: str, required: bool) -> LeanDecoder | None:
+    """The lean forward for ``model``; where it cannot run, an error if ``required``, else None."""
+    reason = lean_support(model)
+    if reason is None:
+        return LeanDecoder(model)
+    if required:
+        raise ModelLoadError(
+            f"the lean forward cannot run {spec}: {reason}. Use --draft-forward transformers "
+            "(or forward='transformers')"
+        )
+    log.info("%s keeps transformers' forward: %s", spec, reason)
+    return None
+
+
+def quantize_linear_int8(model: Any, per_channel: bool | None = None) -> Any:
     """``model`` with every ``nn.Linear`` replaced by a dynamically quantized int8 one (weights
-    int8 per tensor, activations quantized on the fly; CPU). For a draft model this only changes
-    its speed and how often its tokens are accepted, never the output. Uses
+    int8 with one scale per output row, or per tensor; activations quantized on the fly; CPU).
+    For a draft model this only changes its speed and how often its tokens are accepted, never
+    the output. ``per_channel`` defaults to :data:`INT8_PER_CHANNEL`. Uses
     ``torch.ao.quantization.quantize_dynamic``, which torch marks deprecated (torchao replaces
     it) but still ships; its deprecation warning is silenced here."""
     import warnings
 
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
+    if per_channel is None:
+        per_channel = INT8_PER_CHANNEL
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
         return torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False
+            model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=False
         )
 
 

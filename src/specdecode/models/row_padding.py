@@ -25,11 +25,12 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from specdecode.models.kernels import LinearKernels, PackedLinear
 from specdecode.models.machine import cache_file, cpu_name, read_cached, recalibrating, write_cached
@@ -130,10 +131,23 @@ def tune_row_padding(
 ) -> list[ShapeTiming]:
     """Measure (or read from the cache) each large layer shape's product time over 1 to
     ``max_rows`` rows and set every packed layer's ``pad_rows`` from it; return the timings."""
+    return tune_module_padding(
+        kernels.packed.values(), max_rows=max_rows, repeats=repeats, use_cache=use_cache
+    )
+
+
+def tune_module_padding(
+    modules: Iterable[nn.Module],
+    *,
+    max_rows: int = MAX_ROWS,
+    repeats: int = REPEATS,
+    use_cache: bool = True,
+) -> list[ShapeTiming]:
+    """:func:`tune_row_padding` for any packed layers (others among ``modules`` are skipped)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     groups: dict[tuple[int, int, torch.dtype], list[PackedLinear]] = {}
-    for module in kernels.packed.values():
+    for module in modules:
         if isinstance(module, PackedLinear):
             key = (module.out_features, module.in_features, module.dtype)
             groups.setdefault(key, []).append(module)

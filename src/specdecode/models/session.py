@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from specdecode.models.cache import make_cache, reset_cache, truncate_cache
+
+if TYPE_CHECKING:
+    from specdecode.models.lean import LeanDecoder
 
 
 class Session(Protocol):
@@ -86,9 +89,10 @@ class ModelSession(SequenceSession):
 
     warmup_passes = 1
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, lean: LeanDecoder | None = None) -> None:
         super().__init__(model)
         self.cache = make_cache(model.config)
+        self.lean = lean  # our own forward pass, where the model was loaded with one
 
     def reset(self) -> None:
         reset_cache(self.cache)
@@ -109,7 +113,9 @@ class ModelSession(SequenceSession):
         if not new_ids:
             raise ValueError("forward needs at least one token")
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits))
+        if self.lean is not None:
+            logits = self.lean(input_ids, self.cache, num_logits)
+        else:
+            logits = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits)).logits
         self.ids.extend(int(i) for i in new_ids)
-        logits: torch.Tensor = out.logits
         return logits[0, -num_logits:, :]
