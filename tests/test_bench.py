@@ -169,6 +169,21 @@ def test_a_draft_with_a_prompt_window_has_a_cost_of_its_own(models):
     assert cut[OURS_DRAFT].generator.drafter.prompt_window == 8
 
 
+def test_a_lean_draft_is_timed_apart_from_transformers_assistant(models, folders):
+    """Our draft mode runs the lean forward, transformers' assistant its own: the bench times
+    the two draft steps apart, each on the forward that mode runs."""
+    target, _ = models
+    draft = load_model(folders[1], device="cpu", forward="lean")
+    modes = {
+        m.name: m
+        for m in standard_modes(target, [HF_ASSISTED, OURS_DRAFT], ModeConfig(), draft=draft)
+    }
+    ours, theirs = modes[OURS_DRAFT].cost_probe, modes[HF_ASSISTED].cost_probe
+    assert theirs.key == f"{ours.key}, transformers' forward"
+    assert ours.drafter.draft.lean is not None and theirs.drafter.draft.lean is None
+    assert modes[HF_ASSISTED].assistant.model is draft.model
+
+
 def test_heuristic_schedule_starts_equal_on_every_call(models, cases):
     """transformers writes the heuristic's last draft length back into the assistant's config;
     the mode gives every call a fresh copy and restores the original."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
 from specdecode.bench.costs import CostProbe
@@ -158,6 +158,9 @@ def _hf_assisted(
     overrides: dict[str, object],
     draft_key: str | None,
 ) -> TransformersMode:
+    if draft.lean is not None:  # transformers runs the draft on its own forward, not ours
+        draft_key = f"{draft_key or name}, transformers' forward"
+        draft = replace(draft, lean=None)
     probe = CostProbe(draft_key or name, ModelDrafter(draft))
     return TransformersMode(
         name, target, assistant=draft, assistant_overrides=overrides, cost_probe=probe

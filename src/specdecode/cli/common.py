@@ -7,12 +7,14 @@ from typing import Any
 
 from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
+from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
 from specdecode.models.kernels import AUTO, KERNEL_CHOICES, ONEDNN
 from specdecode.models.loading import (
     AUTO_FORWARD,
     DYNAMIC,
     FORWARD_CHOICES,
+    LEAN_FORWARD,
     SESSION_KINDS,
     TRANSFORMERS_FORWARD,
 )
@@ -228,11 +230,17 @@ def add_draft_forward(group: Any) -> None:
 
 
 def draft_forward(args: argparse.Namespace) -> str:
-    """The --draft-forward asked; transformers' forward for sessions other than dynamic (the
-    lean forward runs on our dynamic cache only)."""
-    if session_kind(args) != DYNAMIC:
-        return TRANSFORMERS_FORWARD
-    return str(getattr(args, "draft_forward", AUTO_FORWARD))
+    """The --draft-forward asked. The lean forward runs on our dynamic cache only: ``auto``
+    means transformers' forward with another --kv-cache, and ``lean`` is refused there."""
+    asked = str(getattr(args, "draft_forward", AUTO_FORWARD))
+    if session_kind(args) == DYNAMIC:
+        return asked
+    if asked == LEAN_FORWARD:
+        raise InvalidSettingsError(
+            f"--draft-forward lean runs on the dynamic KV cache only, not --kv-cache "
+            f"{session_kind(args)}: drop one of the two"
+        )
+    return TRANSFORMERS_FORWARD
 
 
 def session_kind(args: argparse.Namespace) -> str:

@@ -124,6 +124,11 @@ class LayerSkipDrafter(Drafter):
                 "a layer-skip drafter drafts with its target: build it with the same model "
                 "that the generator verifies with"
             )
+        if target.lean is not None:
+            raise InvalidSettingsError(
+                "layer skipping works on transformers' forward, and this target runs the lean "
+                "forward: load the target with forward='transformers' (the default)"
+            )
         self.session = target
 
     def begin(self, prompt_ids: Sequence[int]) -> None:

@@ -290,7 +290,7 @@ def load_model(
             tune_row_padding(linear_kernels)
     lean = None
     if forward != TRANSFORMERS_FORWARD and session_kind == DYNAMIC:
-        lean = _lean_decoder(model, spec, required=forward == LEAN_FORWARD)
+        lean = _lean_decoder(model, spec, forward == LEAN_FORWARD, linear_kernels)
         if lean is not None and linear_kernels is not None and pad_rows:
             tune_module_padding(lean.fused_modules())
     return LoadedModel(
@@ -306,15 +306,17 @@ def load_model(
     )
 
 
-def _lean_decoder(model: Any, spec: str, required: bool) -> LeanDecoder | None:
+def _lean_decoder(
+    model: Any, spec: str, required: bool, kernels: LinearKernels | None
+) -> LeanDecoder | None:
     """The lean forward for ``model``; where it cannot run, an error if ``required``, else None."""
     reason = lean_support(model)
     if reason is None:
-        return LeanDecoder(model)
+        return LeanDecoder(model, kernels=kernels)
     if required:
         raise ModelLoadError(
-            f"the lean forward cannot run {spec}: {reason}. Use --draft-forward transformers "
-            "(or forward='transformers')"
+            f"the lean forward cannot run {spec}: {reason}. Ask for transformers' forward "
+            "instead (forward='transformers'; --draft-forward transformers)"
         )
     log.info("%s keeps transformers' forward: %s", spec, reason)
     return None

@@ -113,7 +113,7 @@ class ModelSession(SequenceSession):
         if not new_ids:
             raise ValueError("forward needs at least one token")
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
-        if self.lean is not None:
+        if self.lean is not None and self.lean.usable:
             logits = self.lean(input_ids, self.cache, num_logits)
         else:
             logits = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits)).logits
