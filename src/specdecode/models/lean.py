@@ -206,28 +206,6 @@ def _fuse_int8_rows(modules: Sequence[nn.Module]) -> nn.Module:
     return fused
 
 
-@dataclass
-class FusedProjections:
-    """One layer's fused products."""
-
-    qkv: nn.Module
-    gate_up: nn.Module
-
-
-def fuse_projections(model: Any) -> list[FusedProjections]:
-    """Each decoder layer's q/k/v and gate/up projections fused (:func:`fuse_linears`)."""
-    fused = []
-    for layer in model.model.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        fused.append(
-            FusedProjections(
-                qkv=fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
-                gate_up=fuse_linears([mlp.gate_proj, mlp.up_proj]),
-            )
-        )
-    return fused
-
-
 class LeanDecoder:
     """The forward pass of a Llama-family causal LM on our rollback KV cache.
 
@@ -239,23 +217,13 @@ class LeanDecoder:
     projections, which it holds itself.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        fused: Sequence[FusedProjections] | None = None,
-        kernels: LinearKernels | None = None,
-    ) -> None:
+    def __init__(self, model: Any, kernels: LinearKernels | None = None) -> None:
         reason = lean_support(model)
         if reason is not None:
             raise LeanUnsupportedError(f"the lean forward cannot run this model: {reason}")
         core = model.model
         self._kernels = kernels  # the model's switchable kernels, if it has them
         self._built_on = None if kernels is None else kernels.active
-        if fused is None:
-            fused = fuse_projections(model)
-        if len(fused) != len(core.layers):
-            raise ValueError(f"{len(fused)} fused layers given for {len(core.layers)} layers")
-        self.model = model
         self.embed = core.embed_tokens
         self.rotary = core.rotary_emb
         self.norm = core.norm
@@ -270,14 +238,16 @@ class LeanDecoder:
         self.layers = [
             LeanLayer(
                 input_norm=layer.input_layernorm,
-                qkv=projections.qkv,
+                qkv=fuse_linears(
+                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+                ),
                 out=layer.self_attn.o_proj,
                 post_norm=layer.post_attention_layernorm,
-                gate_up=projections.gate_up,
+                gate_up=fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]),
                 down=layer.mlp.down_proj,
                 act=layer.mlp.act_fn,
             )
-            for layer, projections in zip(core.layers, fused, strict=True)
+            for layer in core.layers
         ]
 
     @property
