@@ -304,7 +304,7 @@ def test_bench_cli_writes_every_file_with_every_field(folders, tmp_path, capsys)
     summaries = data["summaries"]
     assert {s["category"] for s in summaries} == {"code", "chat", ALL}
     for s in summaries:
-        drafting = s["mode"] in ("ours-draft", "ours-prompt-lookup")
+        drafting = s["mode"] in ("ours-draft", "ours-prompt-lookup", "ours-lookup-draft")
         family = "ours-drafting" if drafting and s["alpha"] is not None else "other"
         _check_summary_fields(s, family)
         if s["mode"].startswith("hf-") and s["mode"] != REFERENCE:

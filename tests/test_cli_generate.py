@@ -39,6 +39,7 @@ def hf_greedy(tiny, arch: str, prompt: str, new: int) -> list[int]:
         ["--draft", "perturbed", "--draft-dtype", "float32", "--draft-schedule", "constant"],
         ["--draft", "perturbed", "--kv-cache", "static"],  # int8 draft on a static cache too
         ["--draft", "perturbed", "--draft-prompt-window", "3"],  # reads the prompt's tail
+        ["--draft", "perturbed", "--prompt-lookup"],  # lookup in front of the draft model
     ],
 )
 def test_json_greedy_equals_transformers(capsys, tiny, tiny_dir, drafter):

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specdecode import ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
+from specdecode import LookupDrafter, ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
 
 PROMPT = "def add(a, b):\n    return a + b\ndef add"
 N = 2000
@@ -82,24 +82,34 @@ def _check(counts: Counter, joint: dict[tuple[int, int], float]) -> None:
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["temperature+top_k", "top_p", "min_p"])
-@pytest.mark.parametrize("drafter_kind", ["draft-model", "prompt-lookup"])
+@pytest.mark.parametrize("drafter_kind", ["draft-model", "prompt-lookup", "lookup-draft"])
 def test_first_two_tokens_follow_target_distribution(tiny, cfg, drafter_kind):
     target = tiny("llama")
     ids = target.tokenizer(PROMPT)["input_ids"]
     if drafter_kind == "draft-model":
         drafter = ModelDrafter(tiny("llama", "perturbed"))
+    elif drafter_kind == "lookup-draft":
+        # the pair (last prompt token, t) occurs before for the even ids t: lookup drafts
+        # after an even first token, the draft model after an odd one (both kinds of round)
+        last = ids[-1]
+        pairs = [x for t in range(0, target.tokenizer.vocab_size, 2) for x in (last, t)]
+        ids = [*pairs, *ids]
+        drafter = LookupDrafter(ModelDrafter(tiny("llama", "perturbed")), min_ngram=2)
     else:
         # every token id occurs in the prompt, so a unigram match always yields a draft
         ids = [*range(target.tokenizer.vocab_size), *ids]
         drafter = PromptLookupDrafter(max_ngram=1)
     generator = SpeculativeGenerator(target, drafter, draft_length=1)
     counts: Counter = Counter()
-    drafted = 0  # the round producing token 2 drafts one token (k <= budget - 1)
+    drafted = free = 0  # the round producing token 2 drafts one token (k <= budget - 1)
     for seed in range(N):
         result = generator.generate(
             ids, max_new_tokens=3, eos_token_id=[], seed=seed, sampling_mode="rejection", **cfg
         )
         counts[tuple(result.token_ids[:2])] += 1
         drafted += result.stats.drafted
+        free += result.stats.free_drafted
     assert drafted > N // 4, "too few verification rounds to test anything"
+    if drafter_kind == "lookup-draft":
+        assert N // 20 < free < drafted - N // 20, "both lookup and model rounds must occur"
     _check(counts, exact_pairs(target.model, ids, cfg))

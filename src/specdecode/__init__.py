@@ -23,6 +23,7 @@ from specdecode.drafters import (
     Drafter,
     FixedLength,
     HeuristicLength,
+    LookupDrafter,
     ModelDrafter,
     PromptLookupDrafter,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "HeuristicLength",
     "InvalidSettingsError",
     "LoadedModel",
+    "LookupDrafter",
     "ModelDrafter",
     "ModelLoadError",
     "PromptError",

@@ -12,6 +12,7 @@ from specdecode.decoding import SpeculativeGenerator
 from specdecode.drafters import (
     Drafter,
     DraftLength,
+    LookupDrafter,
     ModelDrafter,
     PromptLookupDrafter,
     make_schedule,
@@ -25,6 +26,7 @@ HF_LOOKUP = "hf-prompt-lookup"
 OURS_PLAIN = "ours-plain"
 OURS_DRAFT = "ours-draft"
 OURS_LOOKUP = "ours-prompt-lookup"
+OURS_LOOKUP_DRAFT = "ours-lookup-draft"  # prompt lookup in front of the draft model
 OURS_LAYER_SKIP = "ours-layer-skip"
 HF_LAYER_SKIP = "hf-layer-skip"  # transformers' loop, assistant_model=specdecode.skip_assistant
 
@@ -36,10 +38,11 @@ MODE_NAMES = (
     OURS_PLAIN,
     OURS_DRAFT,
     OURS_LOOKUP,
+    OURS_LOOKUP_DRAFT,
     OURS_LAYER_SKIP,
     HF_LAYER_SKIP,
 )
-NEEDS_DRAFT = frozenset({HF_ASSISTED, HF_ASSISTED_K5, OURS_DRAFT})
+NEEDS_DRAFT = frozenset({HF_ASSISTED, HF_ASSISTED_K5, OURS_DRAFT, OURS_LOOKUP_DRAFT})
 NEEDS_SKIP = frozenset({OURS_LAYER_SKIP, HF_LAYER_SKIP})
 
 T = TypeVar("T")
@@ -55,9 +58,10 @@ class ModeConfig:
     layer_skip_k: int | None = None  # layer skip: the most tokens per round (None: k)
     confidence_threshold: float | None = None  # our draft model: stop below this probability
     draft_prompt_window: int | None = None  # our draft model: prompt tokens it reads (None: all)
-    lookup_tokens: int = 10  # both prompt lookups: tokens per draft
-    ngram_max: int = 3  # our prompt lookup: longest n-gram
-    ngram_min: int = 1  # our prompt lookup: shortest n-gram
+    lookup_tokens: int = 10  # all prompt lookups: tokens per draft
+    ngram_max: int = 3  # our prompt lookups: longest n-gram
+    ngram_min: int | None = None  # our prompt lookups: shortest n-gram (None: 1 alone, 2 with
+    # the draft model)
     hf_ngram: int = 2  # transformers' prompt lookup: max_matching_ngram_size (its default)
 
     def schedule_for(self, k: int) -> DraftLength:
@@ -130,9 +134,15 @@ def standard_modes(
             OURS_LOOKUP,
             SpeculativeGenerator(
                 target,
-                PromptLookupDrafter(max_ngram=config.ngram_max, min_ngram=config.ngram_min),
+                PromptLookupDrafter(
+                    max_ngram=config.ngram_max,
+                    min_ngram=1 if config.ngram_min is None else config.ngram_min,
+                ),
                 config.schedule_for(config.lookup_tokens),
             ),
+        ),
+        OURS_LOOKUP_DRAFT: lambda: _ours_draft(
+            target, _need(draft), config, draft_key, with_lookup=True
         ),
         OURS_LAYER_SKIP: lambda: SpecDecodeMode(
             OURS_LAYER_SKIP,
@@ -168,18 +178,30 @@ def _hf_assisted(
 
 
 def _ours_draft(
-    target: LoadedModel, draft: LoadedModel, config: ModeConfig, draft_key: str | None
+    target: LoadedModel,
+    draft: LoadedModel,
+    config: ModeConfig,
+    draft_key: str | None,
+    with_lookup: bool = False,
 ) -> SpecDecodeMode:
-    drafter = ModelDrafter(
+    drafter: Drafter = ModelDrafter(
         draft,
         confidence_threshold=config.confidence_threshold,
         prompt_window=config.draft_prompt_window,
     )
+    if with_lookup:
+        drafter = LookupDrafter(
+            drafter,
+            lookup_tokens=config.lookup_tokens,
+            max_ngram=config.ngram_max,
+            min_ngram=LookupDrafter.min_ngram_for(config.ngram_max, config.ngram_min),
+        )
     generator = SpeculativeGenerator(target, drafter, config.schedule_for(config.k))
     if draft_key is not None and config.draft_prompt_window is not None:
         # a draft reading fewer tokens steps at another cost than transformers' assistant
         draft_key = f"{draft_key}, prompt window {config.draft_prompt_window}"
-    return SpecDecodeMode(OURS_DRAFT, generator, cost_key=draft_key)
+    name = OURS_LOOKUP_DRAFT if with_lookup else OURS_DRAFT
+    return SpecDecodeMode(name, generator, cost_key=draft_key)
 
 
 def _hf_layer_skip(target: LoadedModel, drafter: Drafter, config: ModeConfig) -> TransformersMode:

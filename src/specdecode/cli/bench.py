@@ -129,11 +129,16 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         help="our draft model: read only the last N prompt tokens (docs/speed.md)",
     )
     group.add_argument(
-        "--lookup-tokens", type=int, default=10, help="both prompt lookups: tokens per draft"
+        "--lookup-tokens", type=int, default=10, help="all prompt lookups: tokens per draft"
     )
-    group.add_argument("--ngram-max", type=int, default=3, help="our prompt lookup: longest n-gram")
     group.add_argument(
-        "--ngram-min", type=int, default=1, help="our prompt lookup: shortest n-gram"
+        "--ngram-max", type=int, default=3, help="our prompt lookups: longest n-gram"
+    )
+    group.add_argument(
+        "--ngram-min",
+        type=int,
+        default=None,
+        help="our prompt lookups: shortest n-gram (default 1 alone, 2 in front of the draft)",
     )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specdecode.drafters import Drafter, ModelDrafter, PromptLookupDrafter, make_schedule
+from specdecode.drafters import (
+    Drafter,
+    LookupDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    make_schedule,
+)
 from specdecode.drafters.schedule import SCHEDULES, DraftLength
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel, check_same_vocabulary, draft_dtype_for, load_model
@@ -21,6 +27,7 @@ from specdecode.models.loading import (
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
+DEFAULT_LOOKUP_TOKENS = 10  # prompt lookup in front of a model: the longest lookup draft
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -68,12 +75,16 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "--draft", help="draft model sharing the target's tokenizer (folder/.gguf/id)"
     )
     which.add_argument(
-        "--prompt-lookup", action="store_true", help="draft by n-gram lookup in prompt and output"
-    )
-    which.add_argument(
         "--skip-profile",
         help="self-speculation: draft with the target itself, skipping the sublayers of this "
         "profile (from `specdecode search`), with its draft exit and k (unless -k is given)",
+    )
+    group.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="draft by n-gram lookup in prompt and output; with --draft or --skip-profile, "
+        "lookup first and the model where lookup finds nothing worth verifying (copy-heavy "
+        "text: summaries, RAG, code edits; docs/speed.md)",
     )
     group.add_argument(
         "--draft-dtype",
@@ -121,7 +132,19 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         "1.02-1.21x on RAG prompts with short answers, 0.66-0.93x on summarization (docs/speed.md)",
     )
     group.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram")
-    group.add_argument("--ngram-min", type=int, default=1, help="prompt lookup: shortest n-gram")
+    group.add_argument(
+        "--ngram-min",
+        type=int,
+        default=None,
+        help="prompt lookup: shortest n-gram (default 1 alone, 2 in front of a model)",
+    )
+    group.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=DEFAULT_LOOKUP_TOKENS,
+        help="prompt lookup in front of a model: the most tokens a lookup draft holds (it "
+        f"costs no draft step; default {DEFAULT_LOOKUP_TOKENS}). Alone, lookup drafts -k tokens",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +278,24 @@ def draft_kernels(args: argparse.Namespace) -> str:
 
 
 def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
+    """The drafter the options ask for: a draft model, a layer-skip profile or prompt lookup;
+    with --prompt-lookup beside a model, lookup in front of it (:class:`LookupDrafter`)."""
+    model = _model_drafter(args, target)
+    if not args.prompt_lookup:
+        return model
+    if model is None:
+        return PromptLookupDrafter(
+            max_ngram=args.ngram_max, min_ngram=1 if args.ngram_min is None else args.ngram_min
+        )
+    return LookupDrafter(
+        model,
+        lookup_tokens=args.lookup_tokens,
+        max_ngram=args.ngram_max,
+        min_ngram=LookupDrafter.min_ngram_for(args.ngram_max, args.ngram_min),
+    )
+
+
+def _model_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | None:
     if getattr(args, "skip_profile", None):
         from specdecode.search.profile import drafter_from_profile
 
@@ -276,8 +317,6 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
             confidence_threshold=args.confidence_threshold,
             prompt_window=getattr(args, "draft_prompt_window", None),
         )
-    if args.prompt_lookup:
-        return PromptLookupDrafter(max_ngram=args.ngram_max, min_ngram=args.ngram_min)
     return None
 
 

@@ -23,6 +23,11 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     rejected_rounds: int = 0  # rounds whose draft was not accepted in full
+    # of the rounds, those that verified a free draft (prompt lookup in front of a model), with
+    # their drafted and accepted tokens (counted in ``drafted`` and ``accepted`` too)
+    free_rounds: int = 0
+    free_drafted: int = 0
+    free_accepted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)  # rounds drafting >= i+1 tokens
     accepted_per_position: list[int] = field(default_factory=list)  # rounds accepting >= i+1
     prompt_tokens: int = 0
@@ -52,7 +57,11 @@ class GenerationStats:
             for a, d in zip(self.accepted_per_position, self.drafted_per_position, strict=True)
         ]
 
-    def record_round(self, drafted: int, accepted: int) -> None:
+    def record_round(self, drafted: int, accepted: int, free: bool = False) -> None:
+        if free:
+            self.free_rounds += 1
+            self.free_drafted += drafted
+            self.free_accepted += accepted
         self.rounds += 1
         self.target_passes += 1
         self.drafted += drafted

@@ -224,9 +224,9 @@ class SpeculativeGenerator:
             verdict = self._verify(ids, draft, sampler)
             synchronize(self.session.device)
             target_seconds = time.perf_counter() - tick
-            stats.record_round(len(draft), verdict.num_accepted)
+            stats.record_round(len(draft), verdict.num_accepted, draft.free)
             self.schedule.observe_time(
-                len(draft), draft.seconds, self.last_pass_size, target_seconds
+                len(draft), draft.seconds, self.last_pass_size, target_seconds, free=draft.free
             )
             stats.draft_seconds += draft.seconds
             stats.draft_prefill_seconds += draft.prefill_seconds
@@ -247,17 +247,29 @@ class SpeculativeGenerator:
         yield FinishEvent(result=result, text=tail)
 
     def _draft(self, ids: list[int], remaining: int, sampler: TokenSampler) -> Draft:
-        """Ask the drafter for at most k tokens, never more than the budget minus the target's."""
-        if self.drafter is None:
+        """Ask the drafter for at most k tokens, never more than the budget minus the target's.
+
+        A free draft (a hybrid's prompt lookup) is offered first and verified instead when the
+        schedule takes it; then the schedule is not asked for k this round."""
+        if self.drafter is None or remaining < 2:
             return EMPTY_DRAFT
+        free = self.drafter.free_draft(ids, remaining - 1)
+        taken = 0 if free is None else min(self.schedule.free_length(free), remaining - 1)
+        if free is not None and taken > 0:
+            usable = self._usable(free, taken)
+            if len(usable):  # else (an id the target lacks first) the model drafts
+                return usable
         k = min(self.schedule.next(), remaining - 1)
         if k < 1:
             return EMPTY_DRAFT
-        draft = self.drafter.propose(ids, k, sampler, self.schedule.stop_rule())
-        # Ids the target's embedding lacks (a draft with a larger padded matrix) have p = 0 and
-        # cannot be fed to the target: the draft ends before the first of them.
+        return self._usable(self.drafter.propose(ids, k, sampler, self.schedule.stop_rule()), k)
+
+    def _usable(self, draft: Draft, limit: int) -> Draft:
+        """At most ``limit`` tokens of ``draft``, ending before the first id the target's
+        embedding lacks (a draft with a larger padded matrix: p = 0 there, and the target
+        cannot be fed it)."""
         usable = next((i for i, t in enumerate(draft.tokens) if t >= self.vocab_size), len(draft))
-        return draft.head(min(usable, k))
+        return draft.head(min(usable, limit))
 
     def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
         """One target pass over the pending token and the draft; roll back what is rejected.
@@ -282,6 +294,9 @@ class SpeculativeGenerator:
         else:
             verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
         self.session.truncate(len(ids) + verdict.num_accepted)
+        if draft.free:
+            self.schedule.update_free(draft, verdict)
+            return verdict
         self.schedule.update(verdict, draft.confidence)
         if self.drafter is not None:
             self.drafter.observe(verdict)

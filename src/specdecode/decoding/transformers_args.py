@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from specdecode.drafters import Drafter, DraftLength, FixedLength, HeuristicLength
+from specdecode.drafters.hybrid import LookupDrafter
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter
@@ -195,6 +196,10 @@ def _with_threshold(drafter: Drafter, threshold: float) -> Drafter:
         raise InvalidSettingsError(
             f"assistant_confidence_threshold must be in [0, 1), got {threshold}"
         )
+    if isinstance(drafter, LookupDrafter):  # the threshold is its model's
+        hybrid = copy.copy(drafter)
+        hybrid.model = _with_threshold(drafter.model, threshold)
+        return hybrid
     if isinstance(drafter, ModelDrafter):
         model_drafter = copy.copy(drafter)  # the same draft model and session
         model_drafter.confidence_threshold = threshold
@@ -213,6 +218,11 @@ def _with_ngram(drafter: Drafter, size: int) -> Drafter:
     if isinstance(drafter, PromptLookupDrafter):
         return PromptLookupDrafter(
             max_ngram=_positive("max_matching_ngram_size", size), min_ngram=1
+        )
+    if isinstance(drafter, LookupDrafter):  # lookup in front of a model: the same model
+        size = _positive("max_matching_ngram_size", size)
+        return LookupDrafter(
+            drafter.model, drafter.lookup_tokens, size, min(drafter.min_ngram, size)
         )
     raise InvalidSettingsError(
         "max_matching_ngram_size applies to prompt lookup: pass prompt_lookup_num_tokens too"

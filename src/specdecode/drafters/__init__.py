@@ -1,6 +1,8 @@
-"""Drafters behind one small interface: a draft model, prompt lookup (and layer skipping)."""
+"""Drafters behind one small interface: a draft model, prompt lookup, layer skipping, and
+prompt lookup in front of either model."""
 
 from specdecode.drafters.base import EMPTY_DRAFT, Draft, Drafter
+from specdecode.drafters.hybrid import LookupDrafter
 from specdecode.drafters.layerskip import DraftExit, LayerSkipDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.prompt_lookup import PromptLookupDrafter, find_continuation
@@ -22,6 +24,7 @@ __all__ = [
     "FixedLength",
     "HeuristicLength",
     "LayerSkipDrafter",
+    "LookupDrafter",
     "ModelDrafter",
     "PromptLookupDrafter",
     "find_continuation",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,6 +39,10 @@ class Draft:
     # of ``seconds``, the time the drafter's own model spent reading the prompt (its first
     # call of a sequence): a once-per-sequence cost that no draft step repeats
     prefill_seconds: float = 0.0
+    # made without a model step (a hybrid's prompt lookup, see :meth:`Drafter.free_draft`): the
+    # length schedule neither sets its length nor learns the model's acceptance or cost from it
+    free: bool = False
+    ngram: int = 0  # prompt lookup: the length of the n-gram whose earlier match gave the draft
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -48,9 +52,7 @@ class Draft:
         if n >= len(self.tokens):
             return self
         q = None if self.q is None else self.q[:n]
-        return Draft(
-            self.tokens[:n], q, self.seconds, self.info, self.confidence[:n], self.prefill_seconds
-        )
+        return replace(self, tokens=self.tokens[:n], q=q, confidence=self.confidence[:n])
 
 
 EMPTY_DRAFT = Draft(tokens=[])
@@ -97,8 +99,17 @@ class Drafter(ABC):
         returns ``q=None`` and no confidences, and has nothing to ask ``stop`` with.
         """
 
+    def free_draft(self, ids: Sequence[int], max_tokens: int) -> Draft | None:
+        """A draft that costs no model step, offered before the length schedule is asked for k:
+        a hybrid's prompt lookup (see :mod:`specdecode.drafters.hybrid`). None (the default):
+        this drafter has none here. The loop verifies it instead of calling :meth:`propose`
+        when the schedule judges it to pay better (:meth:`DraftLength.free_length`); it must be
+        marked ``free=True`` and hold at most ``max_tokens`` tokens."""
+        return None
+
     def observe(self, verdict: Verdict) -> None:  # noqa: B027 - optional hook
-        """Learn from a round's outcome (adaptive thresholds)."""
+        """Learn from a round's outcome (adaptive thresholds). Not called for rounds that
+        verified a free draft (:meth:`free_draft`): those say nothing of this drafter's own."""
 
     def describe(self) -> dict[str, object]:
         """Settings worth recording next to measurements."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,19 +42,34 @@ class PromptLookupDrafter(Drafter):
         stop: StopRule | None = None,
     ) -> Draft:
         start = time.perf_counter()
-        tokens = find_continuation(ids, max_tokens, self.max_ngram, self.min_ngram)
-        if not tokens:
+        match = find_match(ids, max_tokens, self.max_ngram, self.min_ngram)
+        if match is None:
             return EMPTY_DRAFT
-        return Draft(tokens=tokens, q=None, seconds=time.perf_counter() - start)
+        return Draft(match.tokens, None, time.perf_counter() - start, ngram=match.ngram)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "max_ngram": self.max_ngram, "min_ngram": self.min_ngram}
 
 
+@dataclass(frozen=True)
+class LookupMatch:
+    """What prompt lookup found: the tokens that followed the match, and the n-gram's length."""
+
+    tokens: list[int]
+    ngram: int
+
+
 def find_continuation(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
     """Tokens that followed the most recent earlier match of the longest matching suffix n-gram."""
+    match = find_match(ids, k, max_ngram, min_ngram)
+    return [] if match is None else match.tokens
+
+
+def find_match(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int) -> LookupMatch | None:
+    """The most recent earlier match of the longest suffix n-gram (``max_ngram`` down to
+    ``min_ngram`` tokens) and at most ``k`` tokens that followed it; None when none matches."""
     if k < 1 or len(ids) < 2:
-        return []
+        return None
     seq = torch.as_tensor(list(ids), dtype=torch.long)
     for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
         # windows starting at 0 .. len-1-n: each has at least one token after it
@@ -61,5 +77,5 @@ def find_continuation(ids: Sequence[int], k: int, max_ngram: int, min_ngram: int
         hits = (windows == seq[-n:]).all(dim=1).nonzero()
         if hits.numel():
             begin = int(hits[-1, 0]) + n
-            return [int(t) for t in seq[begin : begin + k]]
-    return []
+            return LookupMatch([int(t) for t in seq[begin : begin + k]], n)
+    return None

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from specdecode.drafters.base import StopRule
+from specdecode.drafters.base import Draft, StopRule
 from specdecode.errors import InvalidSettingsError
 from specdecode.models.costs import PassCosts
 from specdecode.verify import Verdict
@@ -37,14 +37,30 @@ class DraftLength(ABC):
         (None: only k and the drafter's own settings do)."""
         return None
 
+    def free_length(self, draft: Draft) -> int:
+        """How many tokens of ``draft``, made without a model step (a hybrid's prompt lookup,
+        :meth:`Drafter.free_draft`), to verify this round instead of asking the drafter's
+        model for k tokens; 0 turns it down. By default every free draft is taken whole."""
+        return len(draft)
+
+    def update_free(self, draft: Draft, verdict: Verdict) -> None:  # noqa: B027 - optional hook
+        """Learn from a round that verified a free draft (:meth:`update` sees only the
+        model's rounds)."""
+
     def use_costs(self, costs: PassCosts, padded: bool) -> None:  # noqa: B027 - optional hook
         """The target's measured pass costs; ``padded``: the loop pads passes to cheap sizes."""
 
     def observe_time(  # noqa: B027 - optional hook
-        self, drafted: int, draft_seconds: float, fed: int, target_seconds: float
+        self,
+        drafted: int,
+        draft_seconds: float,
+        fed: int,
+        target_seconds: float,
+        free: bool = False,
     ) -> None:
         """A round's timings: ``drafted`` tokens in ``draft_seconds``, one target pass over
-        ``fed`` tokens (padding included) in ``target_seconds``."""
+        ``fed`` tokens (padding included) in ``target_seconds``; ``free``: the draft took no
+        model step (a hybrid's prompt lookup)."""
 
     def describe(self) -> dict[str, object]:
         return {"schedule": type(self).__name__}
@@ -183,6 +199,35 @@ class AcceptanceCalibration:
             self._accepted[b] = self.decay * self._accepted[b] + (1.0 if i < accepted else 0.0)
 
 
+@dataclass
+class LookupAcceptance:
+    """How often prompt lookup's drafted tokens are accepted, by the length of the n-gram that
+    matched (a longer match is firmer evidence). Each length keeps decayed counts of accepted
+    tokens and of rejections, from a prior of ``prior_weight`` rounds at ``prior_alpha``; the
+    rate is the geometric model's accepted / (accepted + rejections)."""
+
+    prior_alpha: float = 0.6  # a first match is worth trying: a failed one costs one pass
+    prior_weight: float = 2.0
+    decay: float = 0.8
+    _accepted: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+    _rejected: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+
+    def alpha(self, ngram: int) -> float:
+        accepted = self._accepted.get(ngram, self.prior_alpha * self.prior_weight)
+        rejected = self._rejected.get(ngram, (1.0 - self.prior_alpha) * self.prior_weight)
+        return accepted / (accepted + rejected)
+
+    def update(self, ngram: int, verdict: Verdict) -> None:
+        accepted = self._accepted.get(ngram, self.prior_alpha * self.prior_weight)
+        rejected = self._rejected.get(ngram, (1.0 - self.prior_alpha) * self.prior_weight)
+        self._accepted[ngram] = self.decay * accepted + verdict.num_accepted
+        self._rejected[ngram] = self.decay * rejected + float(verdict.rejected)
+
+    def reset(self) -> None:
+        self._accepted.clear()
+        self._rejected.clear()
+
+
 def should_stop_drafting(
     accept_all: float,
     drafted: int,
@@ -245,6 +290,14 @@ class CostAwareLength(DraftLength):
     the measured costs instead of by hand. Off by default (``confidence_stop=True`` turns it
     on): measured on the Qwen2.5-Coder pair it matched the per-round k on code and lost to it
     on chat (docs/speed.md).
+
+    Offered a free draft (a hybrid drafter's prompt lookup), it takes the head of it with the
+    most expected tokens per target step, from the lookup's acceptance learnt per n-gram length
+    (:class:`LookupAcceptance`) and the pass cost of each length, when that is at least what
+    the model's best k is expected to make (or plain decoding, where drafting does not pay).
+    The comparison leaves out the model's catch-up on the copied tokens at its next draft (a
+    little in the lookup's favour); with ``confidence_stop`` the model's side is the per-round
+    k's expectation, not what the stop rule's drafts make.
     """
 
     needs_costs = True
@@ -259,6 +312,7 @@ class CostAwareLength(DraftLength):
     confidence_stop: bool = False  # end drafts by expected gain (drafters with confidences)
     costs: PassCosts | None = field(default=None, repr=False)
     calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration, repr=False)
+    lookup: LookupAcceptance = field(default_factory=LookupAcceptance, repr=False)
     padded: bool = True  # the loop pads passes to the cheapest size
     _accepted: float = field(default=0.0, init=False, repr=False)
     _rejected: float = field(default=0.0, init=False, repr=False)
@@ -321,6 +375,7 @@ class CostAwareLength(DraftLength):
         self._plain_rounds = 0
         self._probe_gap = self.probe_every
         self._catching_up = True
+        self.lookup.reset()
 
     def use_costs(self, costs: PassCosts, padded: bool) -> None:
         self.costs, self.padded = costs, padded
@@ -351,6 +406,21 @@ class CostAwareLength(DraftLength):
         self._plain_rounds = 0
         self._probe_gap = min(2 * self._probe_gap, self.probe_max_every)
         return self.probe_k
+
+    def free_length(self, draft: Draft) -> int:
+        if self.costs is None:
+            return len(draft)  # nothing to weigh it against yet
+        alpha = self.lookup.alpha(draft.ngram)
+        best = LengthChoice(0, 0.0)
+        for n in range(1, len(draft) + 1):  # a shorter head may make a cheaper pass
+            speedup = expected_speedup(alpha, n, 0.0, self.costs.cost(n + 1, self.padded))
+            if speedup > best.speedup:
+                best = LengthChoice(n, speedup)
+        choice = self.choice()
+        return best.k if best.speedup >= (1.0 if choice is None else choice.speedup) else 0
+
+    def update_free(self, draft: Draft, verdict: Verdict) -> None:
+        self.lookup.update(draft.ngram, verdict)
 
     def _stops_by_confidence(self) -> bool:
         return self.confidence_stop and self._confident
@@ -389,11 +459,21 @@ class CostAwareLength(DraftLength):
             self._round_cost = self.decay * self._round_cost + cost
 
     def observe_time(
-        self, drafted: int, draft_seconds: float, fed: int, target_seconds: float
+        self,
+        drafted: int,
+        draft_seconds: float,
+        fed: int,
+        target_seconds: float,
+        free: bool = False,
     ) -> None:
         if self.costs is not None and target_seconds > 0:
             step = target_seconds / self.costs.cost(fed, padded=False)
             self._step_seconds = _moving(self._step_seconds, step, self.decay)
+        if free:
+            # No draft step to time. The model's next draft first feeds the copied tokens in
+            # one pass (at most lookup_tokens + 1): timed as its steps all the same, a little
+            # dear, so that c is measured even where lookup and model rounds alternate.
+            return
         if drafted == 0:
             self._catching_up = True  # the next draft first feeds this round's tokens
         elif self._catching_up:

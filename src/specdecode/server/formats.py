@@ -36,6 +36,8 @@ def speculation_stats(stats: GenerationStats) -> SpeculationStats:
         alpha=stats.alpha,
         drafted=stats.drafted,
         accepted=stats.accepted,
+        free_drafted=stats.free_drafted,
+        free_accepted=stats.free_accepted,
         target_passes=stats.target_passes,
         new_tokens=stats.new_tokens,
         tokens_per_second=stats.tokens_per_second,
@@ -54,6 +56,8 @@ def summed_stats(results: Iterable[GenerationResult]) -> SpeculationStats:
         total.drafted += s.drafted
         total.accepted += s.accepted
         total.rejected_rounds += s.rejected_rounds
+        total.free_drafted += s.free_drafted
+        total.free_accepted += s.free_accepted
         total.total_seconds += s.total_seconds
         if i == 0:
             total.time_to_first_token = s.time_to_first_token

@@ -86,6 +86,9 @@ class SpeculationStats(BaseModel):
     alpha: float | None  # acceptance rate of drafted tokens (None: nothing was drafted)
     drafted: int  # tokens proposed by the drafter
     accepted: int  # drafted tokens the target kept
+    # of those, the ones copied by prompt lookup in front of a model (--draft M --prompt-lookup)
+    free_drafted: int = 0
+    free_accepted: int = 0
     target_passes: int  # target forward passes, prefill included
     new_tokens: int
     tokens_per_second: float
