@@ -3,6 +3,8 @@ the output kept."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from specdecode import (
@@ -234,3 +236,21 @@ def _overrides(**kwargs):
     from specdecode.decoding.transformers_args import DraftingOverrides
 
     return DraftingOverrides(**kwargs)
+
+
+def test_the_ngram_index_finds_what_a_full_scan_finds():
+    """Grown a few tokens at a time, switched to other sequences now and then, the index
+    answers every query as find_match's scan of the whole sequence does."""
+    from specdecode.drafters.prompt_lookup import NgramIndex
+
+    rng = random.Random(0)
+    for max_ngram, min_ngram in [(3, 1), (3, 2), (1, 1), (4, 3)]:
+        index = NgramIndex(max_ngram, min_ngram)
+        ids: list[int] = []
+        for step in range(400):
+            if step % 97 == 0:  # another sequence (a shared prefix, then other tokens)
+                ids = [*ids[: rng.randrange(len(ids) + 1)], rng.randrange(6)]
+            ids = [*ids, *(rng.randrange(6) for _ in range(rng.randrange(1, 4)))]
+            k = rng.randrange(1, 8)
+            assert index.find(ids, k) == find_match(ids, k, max_ngram, min_ngram), (step, ids)
+    assert NgramIndex(3, 1).find([4], 3) is None and NgramIndex(3, 1).find([4, 4], 0) is None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from specdecode.drafters.base import Draft, Drafter, StopRule
-from specdecode.drafters.prompt_lookup import find_match
+from specdecode.drafters.prompt_lookup import NgramIndex
 from specdecode.errors import InvalidSettingsError
 from specdecode.sampling import TokenSampler
 from specdecode.verify import Verdict
@@ -62,6 +62,7 @@ class LookupDrafter(Drafter):
         self.lookup_tokens = lookup_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.index = NgramIndex(max_ngram, min_ngram)
 
     @classmethod
     def min_ngram_for(cls, max_ngram: int, asked: int | None) -> int:
@@ -72,6 +73,7 @@ class LookupDrafter(Drafter):
         self.model.bind(target)
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
+        self.index.reset()
         self.model.begin(prompt_ids)
 
     def reserve(self, positions: int) -> None:
@@ -79,7 +81,7 @@ class LookupDrafter(Drafter):
 
     def free_draft(self, ids: Sequence[int], max_tokens: int) -> Draft | None:
         start = time.perf_counter()
-        match = find_match(ids, min(self.lookup_tokens, max_tokens), self.max_ngram, self.min_ngram)
+        match = self.index.find(ids, min(self.lookup_tokens, max_tokens))
         if match is None:
             return None
         seconds = time.perf_counter() - start
