@@ -13,6 +13,7 @@ from specdecode import (
     LookupDrafter,
     ModelDrafter,
     PromptLookupDrafter,
+    RoundEvent,
     SpeculativeGenerator,
 )
 from specdecode.drafters import Draft, Drafter
@@ -254,3 +255,21 @@ def test_the_ngram_index_finds_what_a_full_scan_finds():
             k = rng.randrange(1, 8)
             assert index.find(ids, k) == find_match(ids, k, max_ngram, min_ngram), (step, ids)
     assert NgramIndex(3, 1).find([4], 3) is None and NgramIndex(3, 1).find([4, 4], 0) is None
+
+
+def test_round_events_say_which_drafts_prompt_lookup_copied(tiny):
+    target = tiny("qwen2")
+    model = ModelDrafter(tiny("qwen2", "perturbed"))
+    for drafter in (LookupDrafter(model, min_ngram=1), PromptLookupDrafter(3), model):
+        events = list(
+            SpeculativeGenerator(target, drafter, 4).stream(PROMPTS[2], max_new_tokens=NEW)
+        )
+        rounds = [e for e in events if isinstance(e, RoundEvent)]
+        copied = [e for e in rounds if e.copied]
+        assert all(e.num_drafted > 0 for e in copied)
+        if isinstance(drafter, ModelDrafter):
+            assert not copied
+        else:
+            assert copied
+        if isinstance(drafter, LookupDrafter):  # lookup and model rounds in one generation
+            assert len(copied) < sum(1 for e in rounds if e.num_drafted)

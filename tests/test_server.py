@@ -497,3 +497,45 @@ def test_segments_cover_the_released_text_per_token(generator: SpeculativeGenera
     pieces += tracker.finish(tail)
     assert "".join(p.text for p in pieces) == text
     assert {p.from_draft for p in pieces} == {True, False}
+
+
+def test_segments_mark_the_tokens_prompt_lookup_copied(generator: SpeculativeGenerator) -> None:
+    """Drafted tokens of a lookup round are marked copied, also when their text is released in
+    a later round; the target's own tokens never are (the stream's end to end: test_hybrid)."""
+    tokenizer = generator.target.tokenizer
+    ids = tokenizer("Héllo wörld 你好 🙂 ok, and more")["input_ids"]
+    tracker = SegmentTracker(tokenizer)
+    stream = TextStream(tokenizer)
+    pieces = []
+    for number, start in enumerate(range(0, len(ids), 3)):
+        chunk = ids[start : start + 3]
+        released = stream.push(chunk).text
+        copied = number % 2 == 0  # lookup rounds and model rounds in turn
+        origins = [True, True, False][: len(chunk)]
+        pieces += tracker.push(chunk, origins, released, copied=copied)
+    pieces += tracker.finish(stream.flush())
+    assert "".join(p.text for p in pieces) == tokenizer.decode(ids)
+    assert any(p.copied for p in pieces) and any(p.from_draft and not p.copied for p in pieces)
+    assert all(p.from_draft for p in pieces if p.copied)
+
+
+def test_the_stream_marks_copied_tokens_with_lookup_in_front(model_dir: Path) -> None:
+    from specdecode import LookupDrafter
+
+    target = load_model(model_dir / "target", device="cpu", threads=1)
+    draft = load_model(model_dir / "draft", device="cpu")
+    drafter = LookupDrafter(ModelDrafter(draft), min_ngram=1)  # copies often on a tiny model
+    engine = Engine(SpeculativeGenerator(target, drafter, draft_length=4), max_queue=2, timeout=60)
+    try:
+        app = create_app(engine, ServerSettings(served_model_name=MODEL))
+        messages = [{"role": "user", "content": "ab ab ab ab ab ab ab ab"}]
+        body = chat_body(messages=messages, stream=True, max_tokens=48)
+        chunks = [c for c in sse(post(app, "/v1/chat/completions", body)) if c["specdecode"]]
+        segments = [s for c in chunks for s in c["specdecode"]["segments"]]
+        assert segments and all(set(s) == {"text", "from_draft", "copied"} for s in segments)
+        assert all(s["from_draft"] for s in segments if s["copied"])
+        [stats] = [c["specdecode"]["stats"] for c in chunks if c["specdecode"]["stats"]]
+        assert 0 < stats["free_drafted"] <= stats["drafted"]
+        assert stats["free_accepted"] <= stats["accepted"]
+    finally:
+        engine.close()

@@ -112,6 +112,7 @@ class RoundEvent:
     num_accepted: int
     draft_seconds: float
     target_seconds: float
+    copied: bool = False  # the drafted tokens were copied from the context by prompt lookup
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,7 @@ class SpeculativeGenerator:
             num_accepted=verdict.num_accepted,
             draft_seconds=draft.seconds,
             target_seconds=target_seconds,
+            copied=draft.ngram > 0,  # prompt lookup's draft (alone or in front of a model)
         )
         return event, finish
 

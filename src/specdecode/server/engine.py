@@ -126,7 +126,9 @@ class _Progress:
             text=event.text,
             token_ids=list(event.token_ids),
             from_draft=list(event.from_draft),
-            pieces=self.tracker.push(event.token_ids, event.from_draft, event.text),
+            pieces=self.tracker.push(
+                event.token_ids, event.from_draft, event.text, copied=event.copied
+            ),
             tau=self.tokens / self.passes,
             tokens_per_second=self.tokens / elapsed,
         )

@@ -100,7 +100,10 @@ class ResponseFormat(ABC):
         return ChunkExtension(
             tokens=update.token_ids,
             from_draft=update.from_draft,
-            segments=[TextSegment(text=p.text, from_draft=p.from_draft) for p in update.pieces],
+            segments=[
+                TextSegment(text=p.text, from_draft=p.from_draft, copied=p.copied)
+                for p in update.pieces
+            ],
             tau=update.tau,
             tokens_per_second=update.tokens_per_second,
             stats=None if result is None else speculation_stats(result.stats),

@@ -101,6 +101,7 @@ class TextSegment(BaseModel):
 
     text: str
     from_draft: bool  # True: drafted and accepted; False: the target's own token
+    copied: bool = False  # drafted by prompt lookup, not by the draft model (with from_draft)
 
 
 class ChunkExtension(BaseModel):

@@ -20,6 +20,7 @@ from typing import Any
 class Piece:
     text: str
     from_draft: bool
+    copied: bool = False  # drafted by prompt lookup (only with from_draft)
 
 
 class SegmentTracker:
@@ -35,17 +36,22 @@ class SegmentTracker:
         self._prefix = 0  # decoding starts here (a clean character boundary)
         self._read = 0  # tokens before this have given their piece
         self._pending: deque[Piece] = deque()  # pieces not yet released
-        self._last_origin = False
+        self._last = Piece("", False)  # the latest token's origin
 
     def push(
-        self, token_ids: Sequence[int], from_draft: Sequence[bool], released: str
+        self,
+        token_ids: Sequence[int],
+        from_draft: Sequence[bool],
+        released: str,
+        copied: bool = False,
     ) -> list[Piece]:
-        """Add a round's tokens; return the released text cut into per-token pieces."""
-        for token, origin in zip(token_ids, from_draft, strict=True):
-            self._last_origin = origin
+        """Add a round's tokens; return the released text cut into per-token pieces.
+        ``copied``: the round's drafted tokens came from prompt lookup."""
+        for token, drafted in zip(token_ids, from_draft, strict=True):
+            self._last = Piece("", drafted, drafted and copied)
             text = self._next_piece(token)
             if text:
-                self._pending.append(Piece(text, origin))
+                self._pending.append(Piece(text, drafted, drafted and copied))
         return self._take(released)
 
     def finish(self, released: str) -> list[Piece]:
@@ -76,10 +82,10 @@ class SegmentTracker:
         while at < len(released) and self._pending:
             piece = self._pending.popleft()
             size = min(len(piece.text), len(released) - at)
-            out.append(Piece(released[at : at + size], piece.from_draft))
+            out.append(Piece(released[at : at + size], piece.from_draft, piece.copied))
             if size < len(piece.text):
-                self._pending.appendleft(Piece(piece.text[size:], piece.from_draft))
+                self._pending.appendleft(Piece(piece.text[size:], piece.from_draft, piece.copied))
             at += size
         if at < len(released):
-            out.append(Piece(released[at:], self._last_origin))
+            out.append(Piece(released[at:], self._last.from_draft, self._last.copied))
         return out
