@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--prompts", default="../shared/data/spec_bench/question.jsonl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--offset", type=int, default=0, help="skip this many prompts of each category first"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,7 +72,7 @@ def main() -> None:
     prompts = [  # in the order of the earlier A/B (section 3d): writing, coding, then the rest
         prompt
         for categories, count in CATEGORIES
-        for prompt in load_prompts(args.prompts, categories, per_category=count)
+        for prompt in load_prompts(args.prompts, categories, per_category=count, offset=args.offset)
     ]
     for generator in generators.values():  # calibrate, warm up
         generator.generate(prompts[0].text, chat=True, max_new_tokens=8)
