@@ -27,7 +27,6 @@ from specdecode.models.loading import (
 from specdecode.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 DEFAULT_K = 5  # tokens drafted per round when neither -k nor a skip profile says
-DEFAULT_LOOKUP_TOKENS = 10  # prompt lookup in front of a model: the longest lookup draft
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +140,10 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lookup-tokens",
         type=int,
-        default=DEFAULT_LOOKUP_TOKENS,
+        default=LookupDrafter.DEFAULT_LOOKUP_TOKENS,
         help="prompt lookup in front of a model: the most tokens a lookup draft holds (it "
-        f"costs no draft step; default {DEFAULT_LOOKUP_TOKENS}). Alone, lookup drafts -k tokens",
+        f"costs no draft step; default {LookupDrafter.DEFAULT_LOOKUP_TOKENS}). Alone, lookup "
+        "drafts -k tokens",
     )
 
 

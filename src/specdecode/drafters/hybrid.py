@@ -39,12 +39,13 @@ class LookupDrafter(Drafter):
     """
 
     name = "lookup+model"
+    DEFAULT_LOOKUP_TOKENS = 10
     DEFAULT_MIN_NGRAM = 2
 
     def __init__(
         self,
         model: Drafter,
-        lookup_tokens: int = 10,
+        lookup_tokens: int = DEFAULT_LOOKUP_TOKENS,
         max_ngram: int = 3,
         min_ngram: int = DEFAULT_MIN_NGRAM,
     ) -> None:
@@ -54,15 +55,11 @@ class LookupDrafter(Drafter):
             raise InvalidSettingsError(
                 f"prompt lookup needs at least 1 token per draft, got {lookup_tokens}"
             )
-        if not 1 <= min_ngram <= max_ngram:
-            raise InvalidSettingsError(
-                f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}"
-            )
+        self.index = NgramIndex(max_ngram, min_ngram)  # checks the n-gram range
         self.model = model
         self.lookup_tokens = lookup_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
-        self.index = NgramIndex(max_ngram, min_ngram)
 
     @classmethod
     def min_ngram_for(cls, max_ngram: int, asked: int | None) -> int:

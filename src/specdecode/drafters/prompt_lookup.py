@@ -27,13 +27,9 @@ class PromptLookupDrafter(Drafter):
     name = "prompt-lookup"
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise InvalidSettingsError(
-                f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}"
-            )
+        self.index = NgramIndex(max_ngram, min_ngram)  # checks the n-gram range
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
-        self.index = NgramIndex(max_ngram, min_ngram)
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.index.reset()
@@ -77,6 +73,10 @@ class NgramIndex:
     CHECKED_TAIL = 16  # tokens compared to tell an extension from another sequence
 
     def __init__(self, max_ngram: int, min_ngram: int) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidSettingsError(
+                f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}"
+            )
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.reset()

@@ -213,19 +213,23 @@ class LookupAcceptance:
     _rejected: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def alpha(self, ngram: int) -> float:
-        accepted = self._accepted.get(ngram, self.prior_alpha * self.prior_weight)
-        rejected = self._rejected.get(ngram, (1.0 - self.prior_alpha) * self.prior_weight)
+        accepted, rejected = self._counts(ngram)
         return accepted / (accepted + rejected)
 
     def update(self, ngram: int, verdict: Verdict) -> None:
-        accepted = self._accepted.get(ngram, self.prior_alpha * self.prior_weight)
-        rejected = self._rejected.get(ngram, (1.0 - self.prior_alpha) * self.prior_weight)
+        accepted, rejected = self._counts(ngram)
         self._accepted[ngram] = self.decay * accepted + verdict.num_accepted
         self._rejected[ngram] = self.decay * rejected + float(verdict.rejected)
 
     def reset(self) -> None:
         self._accepted.clear()
         self._rejected.clear()
+
+    def _counts(self, ngram: int) -> tuple[float, float]:
+        """Decayed accepted tokens and rejections of this length (the prior's, when unseen)."""
+        prior = self.prior_weight
+        accepted = self._accepted.get(ngram, self.prior_alpha * prior)
+        return accepted, self._rejected.get(ngram, (1.0 - self.prior_alpha) * prior)
 
 
 def should_stop_drafting(
