@@ -61,8 +61,10 @@ def test_a_tiny_run_reports_every_mode_identity_and_the_bound(tmp_path):
     assert set(modes) == {
         "float32 hf-plain",
         "float32 ours-plain (compiled)",
+        "float32 ours-plain (compiled, per-token read back)",
         "float32 ours-plain (eager)",
         "float32 ours-draft k=3 (compiled)",
+        "float32 ours-draft k=3 (compiled, per-token read back)",
         "float32 ours-draft k=3 (eager)",
         "float32 hf-assisted k=3",
     }
@@ -77,8 +79,24 @@ def test_a_tiny_run_reports_every_mode_identity_and_the_bound(tmp_path):
     assert draft.bound and draft.efficiency and draft.identical_to_our_plain == 2
     assert modes["float32 ours-plain (compiled)"].bandwidth_fraction is not None
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["modes"]) == 6
+    assert len(saved["modes"]) == 8
     assert "ours-draft k=3 (compiled)" in (tmp_path / "results.md").read_text()
+
+
+def _short_run(tmp_path, **kwargs):
+    """One prompt of 16 tokens, 8 new, k = 2, on the CPU, with the ``eager`` compile backend."""
+    return run_synthetic(
+        TINY,
+        torch.device("cpu"),
+        tmp_path,
+        ks=[2],
+        prompts=1,
+        prompt_tokens=16,
+        max_new_tokens=8,
+        compile_backend="eager",
+        progress=lambda line: None,
+        **kwargs,
+    )
 
 
 def test_other_dtypes_run_only_the_identity_modes_and_failures_are_recorded(tmp_path):
@@ -101,24 +119,23 @@ def test_other_dtypes_run_only_the_identity_modes_and_failures_are_recorded(tmp_
     assert code == 1
     saved = json.loads((tmp_path / "results.json").read_text())
     assert any("draft_layers must be" in e for e in saved["errors"])
-    report = run_synthetic(
-        TINY,
-        torch.device("cpu"),
-        tmp_path,
-        dtypes=["bfloat16"],
-        full_dtypes=[],
-        ks=[2],
-        prompts=1,
-        prompt_tokens=16,
-        max_new_tokens=8,
-        compile_backend="eager",
-        progress=lambda line: None,
-    )
+    report = _short_run(tmp_path, dtypes=["bfloat16"], full_dtypes=[])
     assert [m.name for m in report.modes] == [
         "bfloat16 hf-plain",
         "bfloat16 ours-plain (compiled)",
         "bfloat16 ours-draft k=2 (compiled)",
     ]
+    # where device time is short, our eager modes can be left out (transformers' stay)
+    report = _short_run(tmp_path, dtypes=["float32"], full_dtypes=["float32"], skip_eager=True)
+    assert [m.name for m in report.modes] == [
+        "float32 hf-plain",
+        "float32 ours-plain (compiled)",
+        "float32 ours-plain (compiled, per-token read back)",
+        "float32 ours-draft k=2 (compiled)",
+        "float32 ours-draft k=2 (compiled, per-token read back)",
+        "float32 hf-assisted k=2",
+    ]
+    assert report.settings["skip_eager"] is True
 
 
 @pytest.mark.gpu

@@ -14,7 +14,9 @@ One run, every figure measured in it (nothing assumed):
   plain decoding cannot beat ``bandwidth / weight bytes`` tokens/s, so each plain mode reports
   its fraction of that limit;
 - decoding tokens/s (the prompt's prefill left out) of transformers' plain ``generate`` (eager),
-  our loop on the dynamic cache (eager), and on a compiled static session (CUDA graphs);
+  our loop on the dynamic cache (eager), and on a compiled static session (CUDA graphs), there
+  with greedy tokens chosen on the device and read back 8 at a time (a draft's round at once),
+  and, beside it, read back one at a time (what that gains);
 - our draft mode at constant k on compiled sessions, with alpha, tau, the measured c (a draft
   step over a target step) and c_v(k) (a verification pass over a target step), the
   Leviathan et al. bound from them and the efficiency (decoding speedup over our compiled
@@ -54,6 +56,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from specdecode.bench.stats import leviathan_speedup
 from specdecode.decoding import SpeculativeGenerator
+from specdecode.decoding.loop import GPU_TOKENS_PER_SYNC
 from specdecode.drafters import ModelDrafter
 from specdecode.models import LoadedModel
 from specdecode.models.attention import transformers_attention, use_grouped_attention
@@ -375,11 +378,13 @@ def run_synthetic(
     prompt_tokens: int = 128,
     max_new_tokens: int = 128,
     compile_backend: str = "inductor",
+    skip_eager: bool = False,
     progress: Callable[[str], None] = print,
 ) -> SyntheticReport:
     """Run every stage, writing the report after each; return it. Dtypes in ``full_dtypes`` run
     every mode; the others only what their identity check needs (transformers' plain
-    ``generate`` and our compiled plain and draft modes)."""
+    ``generate`` and our compiled plain and draft modes). ``skip_eager`` leaves out our own
+    eager modes (transformers' stay) where device time is short."""
     out.mkdir(parents=True, exist_ok=True)
     report = SyntheticReport(
         environment=_environment(device),
@@ -392,6 +397,7 @@ def run_synthetic(
             "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens,
             "compile_backend": compile_backend,
+            "skip_eager": skip_eager,
         },
     )
     texts = random_prompts(prompts, prompt_tokens, spec.vocab_size, spec.seed)
@@ -418,7 +424,17 @@ def run_synthetic(
         dtype = getattr(torch, dtype_name)
         full = dtype_name in full_dtypes
         _run_dtype(
-            report, stage, spec, device, dtype, texts, ks, max_new_tokens, compile_backend, full
+            report,
+            stage,
+            spec,
+            device,
+            dtype,
+            texts,
+            ks,
+            max_new_tokens,
+            compile_backend,
+            full,
+            ours_eager=full and not skip_eager,
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -436,6 +452,7 @@ def _run_dtype(
     max_new_tokens: int,
     backend: str,
     full: bool,
+    ours_eager: bool,
 ) -> None:
     tag = str(dtype).removeprefix("torch.")
     pairs: dict[str, tuple[LoadedModel, LoadedModel]] = {}
@@ -475,11 +492,25 @@ def _run_dtype(
     target, draft = pairs[DYNAMIC]
     ctarget, cdraft = pairs[COMPILED]
     mode("hf-plain", lambda r: time_transformers(r, target, prompts, max_new_tokens))
+    # the compiled modes choose greedy tokens on the device (as they do by default on a GPU),
+    # explicitly so that a run on the CPU exercises the same path
+    bursts = GPU_TOKENS_PER_SYNC
     mode(
         "ours-plain (compiled)",
-        lambda r: time_ours(r, SpeculativeGenerator(ctarget, None), prompts, max_new_tokens),
+        lambda r: time_ours(
+            r, SpeculativeGenerator(ctarget, None, tokens_per_sync=bursts), prompts, max_new_tokens
+        ),
     )
     if full:
+        # the same compiled loop with every token read back as it is chosen (the default on a
+        # CPU; on a GPU the default reads back 8 at a time): what the bursts gain
+        mode(
+            "ours-plain (compiled, per-token read back)",
+            lambda r: time_ours(
+                r, SpeculativeGenerator(ctarget, None, tokens_per_sync=1), prompts, max_new_tokens
+            ),
+        )
+    if ours_eager:
         mode(
             "ours-plain (eager)",
             lambda r: time_ours(r, SpeculativeGenerator(target, None), prompts, max_new_tokens),
@@ -487,7 +518,8 @@ def _run_dtype(
     for k in ks:
 
         def compiled_draft(r: ModeResult, k: int = k) -> None:
-            generator = SpeculativeGenerator(ctarget, ModelDrafter(cdraft), k, pad_passes=False)
+            drafter = ModelDrafter(cdraft, on_device=True)
+            generator = SpeculativeGenerator(ctarget, drafter, k, pad_passes=False)
             time_ours(r, generator, prompts, max_new_tokens)
             costs = step_costs(ctarget, cdraft, prompts[0], k)
             report.measures[f"{tag}_compiled_costs_k{k}"] = costs
@@ -498,6 +530,13 @@ def _run_dtype(
         if not full:
             continue
 
+        def per_token_draft(r: ModeResult, k: int = k) -> None:
+            drafter = ModelDrafter(cdraft, on_device=False)
+            generator = SpeculativeGenerator(ctarget, drafter, k, pad_passes=False)
+            time_ours(r, generator, prompts, max_new_tokens)
+
+        mode(f"ours-draft k={k} (compiled, per-token read back)", per_token_draft)
+
         def eager_draft(r: ModeResult, k: int = k) -> None:
             generator = SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False)
             time_ours(r, generator, prompts, max_new_tokens)
@@ -505,7 +544,8 @@ def _run_dtype(
         def hf_assisted(r: ModeResult, k: int = k) -> None:
             time_transformers(r, target, prompts, max_new_tokens, draft, k)
 
-        mode(f"ours-draft k={k} (eager)", eager_draft)
+        if ours_eager:
+            mode(f"ours-draft k={k} (eager)", eager_draft)
         mode(f"hf-assisted k={k}", hf_assisted)
 
 
@@ -638,6 +678,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compile-backend", default="inductor", choices=["inductor", "cudagraphs", "eager"]
     )
+    parser.add_argument(
+        "--skip-eager",
+        action="store_true",
+        help="leave out our eager modes (transformers' eager modes stay): saves device time",
+    )
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else SyntheticSpec()
     if args.eps is not None:
@@ -661,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_tokens=args.prompt_tokens,
         max_new_tokens=args.max_new_tokens,
         compile_backend=args.compile_backend,
+        skip_eager=args.skip_eager,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(render_markdown(report))

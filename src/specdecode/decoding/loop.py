@@ -29,7 +29,7 @@ from specdecode.decoding.events import (
 from specdecode.decoding.text import TextStream
 from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
-from specdecode.errors import PromptError
+from specdecode.errors import InvalidSettingsError, PromptError
 from specdecode.models import LoadedModel, Session
 from specdecode.models.costs import PassCosts, can_pad, pass_costs_for
 from specdecode.models.timing import synchronize
@@ -38,6 +38,8 @@ from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative
 
 # positions reserved beyond prompt + max_new_tokens: a padded pass's filler (at most 16 tokens)
 PASS_SLACK = 32
+# plain greedy decoding on a GPU: tokens chosen on the device per read back (see tokens_per_sync)
+GPU_TOKENS_PER_SYNC = 8
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -61,6 +63,13 @@ class SpeculativeGenerator:
         pad_passes: with pass costs at hand, pad each verification pass with filler tokens up
             to the cheapest size (never changes the output: attention is causal and the
             filler is rolled back with the rejected drafts).
+        tokens_per_sync: plain greedy decoding (no drafter, no repetition penalty) chooses this
+            many tokens on the device, each fed back without leaving it, before reading them
+            back in one synchronisation (``Session.greedy_extend``), so that a GPU never waits
+            for the host between steps. The same tokens; they still
+            come as one event each, in bursts. At most ``tokens_per_sync - 1`` steps past an end
+            of sequence are computed and dropped. None: 8 on a CUDA device, 1 (a read back per
+            token) elsewhere, where the host waits for each step anyway.
     """
 
     def __init__(
@@ -71,13 +80,22 @@ class SpeculativeGenerator:
         *,
         pass_costs: PassCosts | None = None,
         pad_passes: bool = True,
+        tokens_per_sync: int | None = None,
     ) -> None:
+        if tokens_per_sync is not None and tokens_per_sync < 1:
+            raise InvalidSettingsError(
+                f"tokens_per_sync must be at least 1 (1 reads every token back), got "
+                f"{tokens_per_sync}"
+            )
         self.target = target
         self.drafter = drafter
         self.schedule = FixedLength(draft_length) if isinstance(draft_length, int) else draft_length
         self.session: Session = target.new_session()
         self.pass_costs = pass_costs
         self.pad_passes = pad_passes
+        if tokens_per_sync is None:
+            tokens_per_sync = GPU_TOKENS_PER_SYNC if self.session.device.type == "cuda" else 1
+        self.tokens_per_sync = tokens_per_sync
         self.last_pass_size = 0  # tokens fed in the latest target pass, filler included
         if pass_costs is not None:
             self.schedule.use_costs(pass_costs, pad_passes)
@@ -207,6 +225,8 @@ class SpeculativeGenerator:
         proposal, verdict, draft = [first.token], Verdict(0, first.token, 0), EMPTY_DRAFT
         target_seconds = stats.target_seconds
 
+        run_ahead = self.drafter is None and self.tokens_per_sync > 1 and sampler.plain_argmax
+        ahead: list[int] = []  # tokens chosen on the device, not yet given out
         finish: FinishReason | None = None
         while True:
             event, finish = self._accept(
@@ -219,6 +239,16 @@ class SpeculativeGenerator:
                 finish = "cancelled"
             if finish is not None:
                 break
+            if run_ahead:  # plain greedy decoding, tokens chosen on the device
+                if not ahead:
+                    tick = time.perf_counter()
+                    ahead = self._greedy_run(ids, request.max_new_tokens - len(new))
+                    target_seconds = (time.perf_counter() - tick) / len(ahead)
+                draft, verdict = EMPTY_DRAFT, Verdict(0, ahead.pop(0), 0)
+                stats.record_round(0, 0)
+                stats.target_seconds += target_seconds
+                proposal = [verdict.next_token]
+                continue
             draft = self._draft(ids, request.max_new_tokens - len(new), sampler)
             tick = time.perf_counter()
             verdict = self._verify(ids, draft, sampler)
@@ -263,6 +293,13 @@ class SpeculativeGenerator:
         if k < 1:
             return EMPTY_DRAFT
         return self._usable(self.drafter.propose(ids, k, sampler, self.schedule.stop_rule()), k)
+
+    def _greedy_run(self, ids: list[int], remaining: int) -> list[int]:
+        """Plain greedy decoding's next tokens (at most ``tokens_per_sync`` and ``remaining``),
+        chosen on the device and read back at once; the last of them is not fed yet."""
+        logits = self.session.forward(ids[self.session.length :], 1)[-1]
+        steps = min(self.tokens_per_sync, remaining)
+        return self.session.greedy_extend(logits, steps).tokens
 
     def _usable(self, draft: Draft, limit: int) -> Draft:
         """At most ``limit`` tokens of ``draft``, ending before the first id the target's

@@ -25,6 +25,11 @@ class ModelDrafter(Drafter):
         prompt_window: the draft reads only the last ``prompt_window`` tokens of each prompt
             (and everything generated after it), so that its prefill of a long prompt costs
             less; None reads the whole prompt. Lossless either way: only acceptance changes.
+        on_device: draft a greedy round's tokens on the device and read them back once
+            (:meth:`~specdecode.models.session.SequenceSession.greedy_extend`) instead of once
+            per token, where nothing can end the draft early (no confidence threshold, no stop
+            rule from the length schedule, no repetition penalty); the same tokens. None: on a
+            CUDA device, where the GPU then never waits for the host between draft steps.
     """
 
     name = "draft-model"
@@ -34,6 +39,7 @@ class ModelDrafter(Drafter):
         draft: LoadedModel,
         confidence_threshold: float | None = None,
         prompt_window: int | None = None,
+        on_device: bool | None = None,
     ) -> None:
         if confidence_threshold is not None and not 0 <= confidence_threshold < 1:
             raise InvalidSettingsError(
@@ -47,6 +53,7 @@ class ModelDrafter(Drafter):
         self.confidence_threshold = confidence_threshold
         self.prompt_window = prompt_window
         self.session = draft.new_session()
+        self.on_device = self.session.device.type == "cuda" if on_device is None else on_device
         self._skip = 0  # leading tokens of the sequence the draft does not read
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
@@ -72,6 +79,25 @@ class ModelDrafter(Drafter):
         if reads_prompt:
             synchronize(self.session.device)
             prefill_seconds = time.perf_counter() - start
+        if self._drafts_on_device(sampler, stop):
+            run = self.session.greedy_extend(logits, max_tokens, confidence=True)
+            tokens, q, confidence = run.tokens, None, run.confidence
+        else:
+            tokens, q, confidence = self._draft_on_host(ids, logits, max_tokens, sampler, stop)
+        synchronize(self.session.device)
+        seconds = time.perf_counter() - start
+        return Draft(tokens, q, seconds, confidence=confidence, prefill_seconds=prefill_seconds)
+
+    def _draft_on_host(
+        self,
+        ids: list[int],
+        logits: torch.Tensor,
+        max_tokens: int,
+        sampler: TokenSampler,
+        stop: StopRule | None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float]]:
+        """Choose each token on the host (the sampler's processors, sampling, a confidence
+        that may end the draft), feeding it before choosing the next: tokens, q, confidence."""
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
         confidence: list[float] = []
@@ -85,10 +111,17 @@ class ModelDrafter(Drafter):
             if len(tokens) == max_tokens or self._ends(confidence, stop):
                 break
             logits = self.session.forward([choice.token], 1)[-1]
-        synchronize(self.session.device)
-        q = torch.stack(dists) if dists else None
-        seconds = time.perf_counter() - start
-        return Draft(tokens, q, seconds, confidence=confidence, prefill_seconds=prefill_seconds)
+        return tokens, torch.stack(dists) if dists else None, confidence
+
+    def _drafts_on_device(self, sampler: TokenSampler, stop: StopRule | None) -> bool:
+        """Whether this round's draft is chosen on the device: greedy on the raw logits, and
+        nothing that ends a draft after a token (each such decision needs the host)."""
+        return (
+            self.on_device
+            and sampler.plain_argmax
+            and stop is None
+            and self.confidence_threshold is None
+        )
 
     def _ends(self, confidence: list[float], stop: StopRule | None) -> bool:
         """Whether the draft ends after its latest token: unsure of it, or ``stop`` says so."""
@@ -103,4 +136,5 @@ class ModelDrafter(Drafter):
             "forward": self.draft.forward_name,
             "confidence_threshold": self.confidence_threshold,
             "prompt_window": self.prompt_window,
+            "on_device": self.on_device,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -12,6 +13,15 @@ from specdecode.models.cache import make_cache, reset_cache, truncate_cache
 
 if TYPE_CHECKING:
     from specdecode.models.lean import LeanDecoder
+
+
+@dataclass(frozen=True)
+class GreedyRun:
+    """Tokens chosen by :meth:`SequenceSession.greedy_extend`, read back in one go."""
+
+    tokens: list[int]
+    # the model's probability of each token it chose (softmax of the raw logits), when asked
+    confidence: list[float] = field(default_factory=list)
 
 
 class Session(Protocol):
@@ -36,6 +46,10 @@ class Session(Protocol):
     def reserve(self, positions: int) -> None: ...
 
     def forward(self, new_ids: Sequence[int], num_logits: int = 1) -> torch.Tensor: ...
+
+    def greedy_extend(
+        self, logits: torch.Tensor, steps: int, confidence: bool = False
+    ) -> GreedyRun: ...
 
 
 class SequenceSession:
@@ -79,6 +93,47 @@ class SequenceSession:
         self.truncate(common)
         return list(ids[common:])
 
+    @torch.inference_mode()
+    def greedy_extend(
+        self, logits: torch.Tensor, steps: int, confidence: bool = False
+    ) -> GreedyRun:
+        """Choose ``steps`` tokens greedily on the device, reading them back once.
+
+        The first token is the argmax of ``logits`` (V,), the last position's logits of the
+        latest pass; each chosen token but the last is fed through the model as it is chosen,
+        without leaving the device. The tokens are then read back to the host in one
+        synchronisation, where choosing each on the host costs one per token: on a GPU the host
+        then queues the next pass while the current one runs, instead of waiting for it.
+
+        The same passes and the same argmax as feeding each token from the host
+        (``forward([token])``), so the same tokens. Afterwards the session holds every fed
+        token (all but the last chosen, which is the caller's to feed). ``confidence`` also
+        returns the model's probability of each chosen token (the softmax of its logits).
+        """
+        if steps < 1:
+            raise ValueError(f"greedy_extend needs at least one step, got {steps}")
+        chosen: list[torch.Tensor] = []
+        probability: list[torch.Tensor] = []
+        start = self.length
+        for step in range(steps):
+            scores = logits.float()
+            token = scores.argmax(dim=-1, keepdim=True)  # (1,), on the device
+            chosen.append(token)
+            if confidence:
+                probability.append(torch.softmax(scores, dim=-1).gather(-1, token))
+            if step + 1 < steps:
+                logits = self._step(token.view(1, 1), start + step)
+        # token ids are exact in float64: one tensor, one read back
+        values = torch.cat([torch.cat(chosen).double(), *(p.double() for p in probability)])
+        host = values.tolist()
+        tokens = [int(t) for t in host[:steps]]
+        self.ids.extend(tokens[:-1])
+        return GreedyRun(tokens=tokens, confidence=host[steps:])
+
+    def _step(self, token: torch.Tensor, start: int) -> torch.Tensor:  # pragma: no cover
+        """Run one token already on the device, (1, 1), at position ``start``: logits (V,)."""
+        raise NotImplementedError
+
 
 class ModelSession(SequenceSession):
     """Feeds token ids to a causal LM, keeping its KV cache in step with ``self.ids``.
@@ -113,9 +168,16 @@ class ModelSession(SequenceSession):
         if not new_ids:
             raise ValueError("forward needs at least one token")
         input_ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
-        if self.lean is not None and self.lean.usable:
-            logits = self.lean(input_ids, self.cache, num_logits)
-        else:
-            logits = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits)).logits
+        logits = self._logits(input_ids, num_logits)
         self.ids.extend(int(i) for i in new_ids)
         return logits[0, -num_logits:, :]
+
+    def _step(self, token: torch.Tensor, start: int) -> torch.Tensor:
+        """One token already on the device, (1, 1), after the cache's positions: logits (V,)."""
+        return self._logits(token, 1)[0, -1]
+
+    def _logits(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
+        if self.lean is not None and self.lean.usable:
+            return self.lean(input_ids, self.cache, num_logits)
+        out = self.model(input_ids=input_ids, **self._forward_kwargs(num_logits))
+        return out.logits  # type: ignore[no-any-return]

@@ -121,6 +121,21 @@ class StaticSession(SequenceSession):
         if not 1 <= num_logits <= len(new_ids):
             raise ValueError(f"num_logits must be in [1, {len(new_ids)}], got {num_logits}")
         n, start = len(new_ids), self.length
+        compiled, size = self._plan(n, start)
+        feed = [*new_ids, *[new_ids[-1]] * (size - n)]
+        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
+        logits = self._run(input_ids, start, n, num_logits, compiled)
+        self.ids.extend(int(i) for i in new_ids)
+        return logits
+
+    def _step(self, token: torch.Tensor, start: int) -> torch.Tensor:
+        """One token already on the device, (1, 1), at position ``start``: its logits (V,)."""
+        compiled, _ = self._plan(1, start)  # one token needs no filler: size 1
+        return self._run(token, start, 1, 1, compiled)[-1]
+
+    def _plan(self, n: int, start: int) -> tuple[bool, int]:
+        """Whether a pass of ``n`` tokens at ``start`` runs compiled, and its size with filler;
+        grows the cache to hold it."""
         # the first pass on a new cache runs eagerly: it allocates the buffers, which must be
         # made (and marked static) outside the compiled graph for CUDA graphs to replay them
         compiled = self.compiled and self._layers[0].is_initialized and n <= MAX_COMPILED_TOKENS
@@ -128,18 +143,22 @@ class StaticSession(SequenceSession):
         if self._max_context is not None and start + size > self._max_context:
             compiled, size = False, n  # no room for filler at the end of the context
         if start + size > self.capacity:
-            self._grow(start + size)
+            self._grow(start + size, start)
             if not self._layers[0].is_initialized:  # an empty sequence: a new cache, eagerly
                 compiled, size = False, n
-        feed = [*new_ids, *[new_ids[-1]] * (size - n)]
-        input_ids = torch.tensor([feed], dtype=torch.long, device=self.device)
+        return compiled, size
+
+    def _run(
+        self, input_ids: torch.Tensor, start: int, n: int, num_logits: int, compiled: bool
+    ) -> torch.Tensor:
+        """The pass itself: ``input_ids`` (1, size), its first ``n`` real, at ``start``."""
+        size = int(input_ids.shape[1])
         positions = torch.arange(start, start + size, dtype=torch.long, device=self.device)[None]
         # a compiled pass keeps every row's logits: one graph per size
         kwargs = self._forward_kwargs(size if compiled else num_logits)
         out = (self._forward if compiled else self.model)(
             input_ids=input_ids, position_ids=positions, **kwargs
         )
-        self.ids.extend(int(i) for i in new_ids)
         if size > n:
             self._set_length(start + n)
         logits: torch.Tensor = out.logits[0, : out.logits.shape[1] - (size - n), :]
@@ -160,7 +179,9 @@ class StaticSession(SequenceSession):
             )
         return cache, layers
 
-    def _grow(self, positions: int) -> None:
+    def _grow(self, positions: int, length: int | None = None) -> None:
+        """Reallocate the cache for ``positions``, keeping its first ``length`` entries (by
+        default those of ``self.ids``; a device-fed run is ahead of them)."""
         if self._max_context is not None and positions > self._max_context:
             raise InvalidSettingsError(
                 f"the sequence needs {positions} positions but the model's context holds "
@@ -168,7 +189,8 @@ class StaticSession(SequenceSession):
             )
         capacity = _round_capacity(max(positions, 2 * self.capacity))
         log.info("static KV cache grows from %d to %d positions", self.capacity, capacity)
-        old, length = self._layers, self.length
+        old = self._layers
+        length = self.length if length is None else length
         self.cache, self._layers = self._new_cache(capacity)
         if length:
             for before, after in zip(old, self._layers, strict=True):

@@ -31,6 +31,12 @@ class TokenSampler:
     def greedy(self) -> bool:
         return self.settings.greedy
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Whether the choice is the argmax of the raw logits (greedy, nothing processing
+        them), which the device can make without the host (``Session.greedy_extend``)."""
+        return self.greedy and self.settings.repetition_penalty == 1.0
+
     def scores(self, logits: torch.Tensor, ids: Sequence[int], first: int) -> torch.Tensor:
         """Processed scores (N, V) for logits (N, V) whose row i follows ``ids[: first + i]``."""
         seen = None

@@ -45,12 +45,10 @@ def greedy_verify(draft_tokens: torch.Tensor, target_choice: torch.Tensor) -> Ve
             choice for the slot the i-th draft token fills; the last one follows all k).
     """
     k = draft_tokens.numel()
-    if k:
-        mismatch = (draft_tokens != target_choice[:k]).nonzero()
-        n = int(mismatch[0, 0]) if mismatch.numel() else k
-    else:
-        n = 0
-    return Verdict(num_accepted=n, next_token=int(target_choice[n]), num_drafted=k)
+    choice = target_choice.tolist()  # one read back from the device, not one per decision
+    drafted = draft_tokens.tolist()
+    n = next((i for i in range(k) if drafted[i] != choice[i]), k)
+    return Verdict(num_accepted=n, next_token=int(choice[n]), num_drafted=k)
 
 
 def align_vocab(q: torch.Tensor, size: int) -> torch.Tensor:
