@@ -12,9 +12,11 @@ Mistral models with full attention, on the same weights, in one function:
   another (4 products a layer instead of 7), each fused layer built in the kind of the originals
   (``nn.Linear``, oneDNN-packed :class:`~specdecode.models.kernels.PackedLinear` or int8
   dynamically quantized);
-- rotary embeddings are computed once a pass, the attention folds a key/value head's query heads
-  into its rows (as :mod:`specdecode.models.attention` does) and the KV cache is our
-  :class:`~specdecode.models.cache.RollbackLayer` cache, so sessions roll it back as before;
+- rotary embeddings are computed once a pass and applied to the queries and keys in one go,
+  RMS norms are torch's one fused operator rather than transformers' seven, the attention folds
+  a key/value head's query heads into its rows (as :mod:`specdecode.models.attention` does) and
+  the KV cache is our :class:`~specdecode.models.cache.RollbackLayer` cache, so sessions roll it
+  back as before;
 - only the logits asked for are normed and projected.
 
 It is meant for draft models, whose numerics never change the output (the target verifies every
@@ -36,7 +38,8 @@ about 0.23 GB more. While the model runs on other kernels than it was built on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +58,31 @@ class LeanUnsupportedError(InvalidSettingsError):
     """The lean forward was asked for a model it cannot run."""
 
 
+Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rms_norm(module: nn.Module) -> Norm:
+    """``module`` (a Llama-family RMSNorm) as torch's fused ``rms_norm``: one operator where
+    transformers' module runs seven (its float32 upcast, square, mean, add, rsqrt, two
+    products), which weighs in a short draft step. Modules without a 1-D ``weight`` and a
+    ``variance_epsilon`` are called as they are."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return module
+    return functools.partial(
+        nn.functional.rms_norm, normalized_shape=(int(weight.shape[0]),), weight=weight, eps=eps
+    )
+
+
 @dataclass
 class LeanLayer:
     """One decoder layer's weights, in the order the forward uses them."""
 
-    input_norm: nn.Module  # RMSNorm before attention
+    input_norm: Norm  # RMSNorm before attention
     qkv: nn.Module  # q, k and v projections as one product
     out: nn.Module  # attention output projection (the model's own module)
-    post_norm: nn.Module  # RMSNorm before the MLP
+    post_norm: Norm  # RMSNorm before the MLP
     gate_up: nn.Module  # gate and up projections as one product
     down: nn.Module  # down projection (the model's own module)
     act: nn.Module  # the MLP's activation (the model's own module)
@@ -226,7 +246,7 @@ class LeanDecoder:
         self._built_on = None if kernels is None else kernels.active
         self.embed = core.embed_tokens
         self.rotary = core.rotary_emb
-        self.norm = core.norm
+        self.norm = rms_norm(core.norm)
         self.lm_head = model.lm_head
         first = core.layers[0].self_attn
         self.head_dim = int(first.head_dim)
@@ -237,12 +257,12 @@ class LeanDecoder:
         self.intermediate = int(core.layers[0].mlp.gate_proj.out_features)
         self.layers = [
             LeanLayer(
-                input_norm=layer.input_layernorm,
+                input_norm=rms_norm(layer.input_layernorm),
                 qkv=fuse_linears(
                     [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
                 ),
                 out=layer.self_attn.o_proj,
-                post_norm=layer.post_attention_layernorm,
+                post_norm=rms_norm(layer.post_attention_layernorm),
                 gate_up=fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]),
                 down=layer.mlp.down_proj,
                 act=layer.mlp.act_fn,
@@ -278,9 +298,9 @@ class LeanDecoder:
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h).view(1, n, heads + 2 * kv_heads, dim).transpose(1, 2)
-            q = _rotate(qkv[:, :heads], cos, sin)
-            k = _rotate(qkv[:, heads : heads + kv_heads], cos, sin)
-            k, v = cache.layers[index].update(k, qkv[:, heads + kv_heads :].contiguous())
+            qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys at once
+            q = qk[:, :heads]
+            k, v = cache.layers[index].update(qk[:, heads:], qkv[:, heads + kv_heads :])
             if n > 1 and past == 0:  # a prefill: plain causal attention
                 attended = nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.groups > 1
