@@ -177,3 +177,34 @@ def test_the_first_pass_on_a_new_cache_runs_eagerly_and_calibration_discards_gra
     calls.clear()
     measure_pass_costs(session, [5, 6, 7, 8], sizes=(1, 2), repetitions=2)
     assert calls.count(2) == 3 + 2  # three discarded rounds, two timed (after its prefill)
+
+
+def test_a_frozen_session_fuses_the_projections_and_keeps_the_tokens(tiny_dir):
+    """Inductor's freezing, compiled for real on the CPU (a few seconds a shape): the query, key
+    and value products become one and the MLP's gate and up another, so a pass calls fewer
+    external products; the greedy tokens are the unfrozen session's. The unfrozen session
+    compiles first on the same model: the frozen one must not be handed its graphs."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    # torch's kernels: inductor lowers its own products, not those oneDNN packed outside it
+    model = load_model(tiny_dir("qwen2"), device="cpu", kernels="torch").model
+    prompt = list(range(10, 40))
+    products, tokens = {}, {}
+    with torch._inductor.config.patch(force_disable_caches=True):  # count every lowering
+        for freeze in (False, True):
+            session = StaticSession(model, compiled=True, freeze=freeze)
+            logits = session.forward(prompt, 1)[-1]  # a new cache's first pass runs eagerly
+            before = counters["inductor"]["extern_calls"]
+            tokens[freeze] = session.greedy_extend(logits, 5).tokens
+            products[freeze] = counters["inductor"]["extern_calls"] - before
+    torch._dynamo.reset()
+    assert tokens[True] == tokens[False]
+    layers = model.config.num_hidden_layers
+    assert products[False] - products[True] == 3 * layers  # 7 products a layer become 4
+    with pytest.raises(InvalidSettingsError, match="inductor"):
+        StaticSession(model, compiled=True, backend="eager", freeze=True)
+    with pytest.raises(InvalidSettingsError, match="compiled"):
+        StaticSession(model, freeze=True)

@@ -125,8 +125,9 @@ def test_other_dtypes_run_only_the_identity_modes_and_failures_are_recorded(tmp_
         "bfloat16 ours-plain (compiled)",
         "bfloat16 ours-draft k=2 (compiled)",
     ]
-    # where device time is short, our eager modes can be left out (transformers' stay)
-    report = _short_run(tmp_path, dtypes=["float32"], full_dtypes=["float32"], skip_eager=True)
+    # where device time is short, modes can be chosen (here: all but our eager ones)
+    chosen = ["hf-plain", "plain", "plain-per-token", "draft", "draft-per-token", "hf-assisted"]
+    report = _short_run(tmp_path, dtypes=["float32"], full_dtypes=["float32"], modes=chosen)
     assert [m.name for m in report.modes] == [
         "float32 hf-plain",
         "float32 ours-plain (compiled)",
@@ -135,7 +136,13 @@ def test_other_dtypes_run_only_the_identity_modes_and_failures_are_recorded(tmp_
         "float32 ours-draft k=2 (compiled, per-token read back)",
         "float32 hf-assisted k=2",
     ]
-    assert report.settings["skip_eager"] is True
+    assert report.settings["modes"] == chosen
+    # freezing needs inductor: with the eager backend its mode records why, and the run goes on
+    report = _short_run(tmp_path, dtypes=["float32"], full_dtypes=[], modes=["plain-frozen"])
+    assert [m.name for m in report.modes] == ["float32 ours-plain (compiled, frozen)"]
+    assert "inductor" in (report.modes[0].error or "") and report.errors
+    with pytest.raises(ValueError, match="unknown modes"):
+        _short_run(tmp_path, dtypes=["float32"], modes=["plain", "fast"])
 
 
 @pytest.mark.gpu

@@ -45,7 +45,7 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,25 @@ from specdecode.models.loading import COMPILED, DYNAMIC
 from specdecode.models.timing import median_time, synchronize
 
 log = logging.getLogger(__name__)
+
+
+# every mode, in the order they run (each dtype): transformers' plain generate; our plain loop
+# compiled (greedy tokens read back 8 at a time), read back per token, frozen (fused
+# projections, experimental), and eager; our draft mode compiled, read back per token, eager;
+# transformers' assisted generation
+MODES = (
+    "hf-plain",
+    "plain",
+    "plain-per-token",
+    "plain-frozen",
+    "plain-eager",
+    "draft",
+    "draft-per-token",
+    "draft-eager",
+    "hf-assisted",
+)
+DEFAULT_MODES = tuple(mode for mode in MODES if mode != "plain-frozen")
+IDENTITY_MODES = ("hf-plain", "plain", "plain-frozen", "draft")  # what other dtypes run
 
 
 @dataclass(frozen=True)
@@ -378,13 +397,15 @@ def run_synthetic(
     prompt_tokens: int = 128,
     max_new_tokens: int = 128,
     compile_backend: str = "inductor",
-    skip_eager: bool = False,
+    modes: Collection[str] = DEFAULT_MODES,
     progress: Callable[[str], None] = print,
 ) -> SyntheticReport:
-    """Run every stage, writing the report after each; return it. Dtypes in ``full_dtypes`` run
-    every mode; the others only what their identity check needs (transformers' plain
-    ``generate`` and our compiled plain and draft modes). ``skip_eager`` leaves out our own
-    eager modes (transformers' stay) where device time is short."""
+    """Run every stage, writing the report after each; return it. ``modes`` picks among
+    :data:`MODES` (where device time is short); dtypes in ``full_dtypes`` run all of them, the
+    others only those their identity check needs (:data:`IDENTITY_MODES`)."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}: choose among {', '.join(MODES)}")
     out.mkdir(parents=True, exist_ok=True)
     report = SyntheticReport(
         environment=_environment(device),
@@ -397,7 +418,7 @@ def run_synthetic(
             "prompt_tokens": prompt_tokens,
             "max_new_tokens": max_new_tokens,
             "compile_backend": compile_backend,
-            "skip_eager": skip_eager,
+            "modes": [mode for mode in MODES if mode in modes],
         },
     )
     texts = random_prompts(prompts, prompt_tokens, spec.vocab_size, spec.seed)
@@ -422,19 +443,9 @@ def run_synthetic(
     stage("memory bandwidth", bandwidth)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        full = dtype_name in full_dtypes
+        chosen = set(modes) if dtype_name in full_dtypes else set(modes) & set(IDENTITY_MODES)
         _run_dtype(
-            report,
-            stage,
-            spec,
-            device,
-            dtype,
-            texts,
-            ks,
-            max_new_tokens,
-            compile_backend,
-            full,
-            ours_eager=full and not skip_eager,
+            report, stage, spec, device, dtype, texts, ks, max_new_tokens, compile_backend, chosen
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -451,8 +462,7 @@ def _run_dtype(
     ks: Sequence[int],
     max_new_tokens: int,
     backend: str,
-    full: bool,
-    ours_eager: bool,
+    chosen: set[str],
 ) -> None:
     tag = str(dtype).removeprefix("torch.")
     pairs: dict[str, tuple[LoadedModel, LoadedModel]] = {}
@@ -473,7 +483,9 @@ def _run_dtype(
     if not pairs:
         return
 
-    def mode(name: str, work: Callable[[ModeResult], None]) -> None:
+    def mode(key: str, name: str, work: Callable[[ModeResult], None]) -> None:
+        if key not in chosen:
+            return
         result = ModeResult(f"{tag} {name}")
 
         def go() -> None:
@@ -491,62 +503,64 @@ def _run_dtype(
 
     target, draft = pairs[DYNAMIC]
     ctarget, cdraft = pairs[COMPILED]
-    mode("hf-plain", lambda r: time_transformers(r, target, prompts, max_new_tokens))
+
+    def ours(generator: SpeculativeGenerator) -> Callable[[ModeResult], None]:
+        return lambda r: time_ours(r, generator, prompts, max_new_tokens)
+
+    mode("hf-plain", "hf-plain", lambda r: time_transformers(r, target, prompts, max_new_tokens))
     # the compiled modes choose greedy tokens on the device (as they do by default on a GPU),
     # explicitly so that a run on the CPU exercises the same path
     bursts = GPU_TOKENS_PER_SYNC
     mode(
+        "plain",
         "ours-plain (compiled)",
-        lambda r: time_ours(
-            r, SpeculativeGenerator(ctarget, None, tokens_per_sync=bursts), prompts, max_new_tokens
-        ),
+        lambda r: ours(SpeculativeGenerator(ctarget, None, tokens_per_sync=bursts))(r),
     )
-    if full:
-        # the same compiled loop with every token read back as it is chosen (the default on a
-        # CPU; on a GPU the default reads back 8 at a time): what the bursts gain
-        mode(
-            "ours-plain (compiled, per-token read back)",
-            lambda r: time_ours(
-                r, SpeculativeGenerator(ctarget, None, tokens_per_sync=1), prompts, max_new_tokens
-            ),
-        )
-    if ours_eager:
-        mode(
-            "ours-plain (eager)",
-            lambda r: time_ours(r, SpeculativeGenerator(target, None), prompts, max_new_tokens),
-        )
+    # the same compiled loop with every token read back as it is chosen (the default on a
+    # CPU; on a GPU the default reads back 8 at a time): what the bursts gain
+    mode(
+        "plain-per-token",
+        "ours-plain (compiled, per-token read back)",
+        lambda r: ours(SpeculativeGenerator(ctarget, None, tokens_per_sync=1))(r),
+    )
+
+    def frozen_plain(r: ModeResult) -> None:  # fused projections (StaticSession's freeze)
+        frozen = dataclasses.replace(ctarget, freeze_weights=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ours(SpeculativeGenerator(frozen, None, tokens_per_sync=bursts))(r)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            report.measures[f"{tag}_frozen_peak_memory_bytes"] = peak
+
+    mode("plain-frozen", "ours-plain (compiled, frozen)", frozen_plain)
+    mode("plain-eager", "ours-plain (eager)", lambda r: ours(SpeculativeGenerator(target, None))(r))
     for k in ks:
 
         def compiled_draft(r: ModeResult, k: int = k) -> None:
             drafter = ModelDrafter(cdraft, on_device=True)
-            generator = SpeculativeGenerator(ctarget, drafter, k, pad_passes=False)
-            time_ours(r, generator, prompts, max_new_tokens)
+            ours(SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))(r)
             costs = step_costs(ctarget, cdraft, prompts[0], k)
             report.measures[f"{tag}_compiled_costs_k{k}"] = costs
             r.c = costs["draft_step"] / costs["target_step"]
             r.verify_cost = costs["verify"] / costs["target_step"]
 
-        mode(f"ours-draft k={k} (compiled)", compiled_draft)
-        if not full:
-            continue
-
         def per_token_draft(r: ModeResult, k: int = k) -> None:
             drafter = ModelDrafter(cdraft, on_device=False)
-            generator = SpeculativeGenerator(ctarget, drafter, k, pad_passes=False)
-            time_ours(r, generator, prompts, max_new_tokens)
-
-        mode(f"ours-draft k={k} (compiled, per-token read back)", per_token_draft)
+            ours(SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))(r)
 
         def eager_draft(r: ModeResult, k: int = k) -> None:
-            generator = SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False)
-            time_ours(r, generator, prompts, max_new_tokens)
+            ours(SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False))(r)
 
         def hf_assisted(r: ModeResult, k: int = k) -> None:
             time_transformers(r, target, prompts, max_new_tokens, draft, k)
 
-        if ours_eager:
-            mode(f"ours-draft k={k} (eager)", eager_draft)
-        mode(f"hf-assisted k={k}", hf_assisted)
+        mode("draft", f"ours-draft k={k} (compiled)", compiled_draft)
+        mode(
+            "draft-per-token", f"ours-draft k={k} (compiled, per-token read back)", per_token_draft
+        )
+        mode("draft-eager", f"ours-draft k={k} (eager)", eager_draft)
+        mode("hf-assisted", f"hf-assisted k={k}", hf_assisted)
 
 
 def _derive(report: SyntheticReport, results: dict[str, ModeResult], tag: str) -> None:
@@ -679,9 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compile-backend", default="inductor", choices=["inductor", "cudagraphs", "eager"]
     )
     parser.add_argument(
-        "--skip-eager",
-        action="store_true",
-        help="leave out our eager modes (transformers' eager modes stay): saves device time",
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated, among {', '.join(MODES)} (default: all but plain-frozen)",
     )
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else SyntheticSpec()
@@ -706,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_tokens=args.prompt_tokens,
         max_new_tokens=args.max_new_tokens,
         compile_backend=args.compile_backend,
-        skip_eager=args.skip_eager,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(render_markdown(report))

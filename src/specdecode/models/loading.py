@@ -59,6 +59,7 @@ class LoadedModel:
     kernels: LinearKernels | None = None  # oneDNN-packed linear layers (None: torch's own)
     session_kind: str = DYNAMIC  # how sessions hold the KV cache: dynamic, static or compiled
     compile_backend: str = "inductor"  # torch.compile's backend for compiled sessions
+    freeze_weights: bool = False  # compiled sessions: inductor's freezing (fused projections)
     lean: LeanDecoder | None = None  # our forward pass for dynamic sessions (None: the model's)
 
     def new_session(self) -> Any:
@@ -73,7 +74,10 @@ class LoadedModel:
         from specdecode.models.static_session import StaticSession
 
         return StaticSession(
-            self.model, compiled=self.session_kind == COMPILED, backend=self.compile_backend
+            self.model,
+            compiled=self.session_kind == COMPILED,
+            backend=self.compile_backend,
+            freeze=self.freeze_weights,
         )
 
     @property

@@ -18,6 +18,13 @@ When the sequence outgrows the capacity, the cache is reallocated at twice the s
 entries copied (compiled passes then recompile once for the new buffers): :meth:`reserve`
 sizes it up front.
 
+``freeze=True`` (inductor only; experimental, not yet measured on a GPU) compiles with
+inductor's *freezing*: the weights become constants of each compiled pass, which lets inductor
+concatenate the query, key and value projections into one product and the MLP's gate and up
+projections into another (4 products a layer instead of 7; on a GPU a 1B model's small products
+are launch-bound, docs/speed.md). The cost is memory: each compiled pass shape holds its own
+concatenated copies of those weights, and the weights can no longer change.
+
 Outputs of a CUDA-graph replay live in buffers that the next replay overwrites, so the logits
 are cloned before they are returned.
 """
@@ -41,6 +48,8 @@ MIN_CAPACITY = 256  # positions; capacities are multiples of this
 MAX_COMPILED_TOKENS = 32  # passes of more tokens (prefills) run eagerly
 COMPILE_MODE = "reduce-overhead"  # CUDA graphs on a GPU; inductor's kernels on a CPU
 DYNAMO_CACHE_LIMIT = 64  # compiled variants per function: pass sizes x models sharing a class
+# inductor's freezing; on a CPU it concatenates products only when told to (a GPU always may)
+FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
 
 
 class StaticSession(SequenceSession):
@@ -53,6 +62,7 @@ class StaticSession(SequenceSession):
             ``torch.compile`` (CUDA graphs on a GPU).
         backend: the ``torch.compile`` backend (``inductor``; ``eager`` or ``aot_eager`` check
             the tracing without generating code, as the tests do).
+        freeze: compile with inductor's freezing (fused projections; see above).
     """
 
     def __init__(
@@ -61,10 +71,17 @@ class StaticSession(SequenceSession):
         capacity: int = MIN_CAPACITY,
         compiled: bool = False,
         backend: str = "inductor",
+        freeze: bool = False,
     ) -> None:
         super().__init__(model)
+        if freeze and not (compiled and backend == "inductor"):
+            raise InvalidSettingsError(
+                "freezing the weights needs a compiled session on the inductor backend "
+                f"(got compiled={compiled}, backend={backend!r})"
+            )
         self.config = model.config
         self.compiled = compiled
+        self.frozen = freeze
         # passes to discard before timing one: CUDA-graph trees warm up on a shape's first call,
         # record on the second and replay from the third
         self.warmup_passes = 3 if compiled else 1
@@ -79,9 +96,14 @@ class StaticSession(SequenceSession):
             limit = getattr(dynamo_config, "accumulated_cache_size_limit", 0)
             dynamo_config.accumulated_cache_size_limit = max(limit, 4 * DYNAMO_CACHE_LIMIT)
             options: dict[str, Any] = {"backend": backend, "dynamic": False}
-            if backend == "inductor":
+            if freeze:  # the mode's options and freezing's: also a backend of its own, so that
+                # dynamo never hands a frozen session a graph an unfrozen one compiled, or back
+                options["options"] = {**_mode_options(COMPILE_MODE), **FREEZING}
+            elif backend == "inductor":
                 options["mode"] = COMPILE_MODE
             self._forward = torch.compile(model, **options)
+            if freeze:
+                self._forward = _with_freezing(self._forward)
 
     # ------------------------------------------------------------------ the session interface
     @property
@@ -206,6 +228,26 @@ class StaticSession(SequenceSession):
         if counters:  # in place, so that their addresses stay static; two launches in all
             torch._foreach_mul_(counters, 0)
             torch._foreach_add_(counters, length)
+
+
+def _mode_options(mode: str) -> dict[str, Any]:
+    """The inductor options that ``torch.compile``'s ``mode`` stands for."""
+    import torch._inductor
+
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def _with_freezing(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` called with inductor's freezing on, so that each pass shape it compiles on
+    its first call is compiled frozen. (As a ``torch.compile`` option alone, freezing is not
+    seen where dynamo traces the model, and the projections stay apart.)"""
+    import torch._inductor.config as inductor_config
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with inductor_config.patch(FREEZING):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def _bucket(n: int) -> int:
