@@ -88,6 +88,30 @@ def test_a_static_cache_that_grows_mid_run_keeps_the_positions_fed_on_the_device
     torch.testing.assert_close(device.forward(want[-1:], 1), host.forward(want[-1:], 1))
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_run_that_fails_midway_leaves_the_cache_as_the_ids_say(tiny, kind, monkeypatch):
+    """A pass that raises inside a run (out of memory, say) must not leave the cache ahead of
+    the session's ids: the next pass then continues where the ids end."""
+    model = tiny("qwen2").model
+    session, reference = _sessions(model)[kind], _sessions(model)[kind]
+    logits = session.forward(PROMPT, 1)[-1]
+    reference.forward(PROMPT, 1)
+    real_step, calls = session._step, []
+
+    def failing_step(token, start):
+        calls.append(start)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real_step(token, start)
+
+    monkeypatch.setattr(session, "_step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.greedy_extend(logits, 6)
+    monkeypatch.undo()
+    assert session.ids == PROMPT
+    torch.testing.assert_close(session.forward([5, 6], 2), reference.forward([5, 6], 2))
+
+
 @pytest.mark.parametrize("session_kind", [DYNAMIC, STATIC, COMPILED])
 def test_plain_decoding_read_back_in_bursts_gives_transformers_tokens(tiny, session_kind):
     target = dataclasses.replace(tiny("llama"), session_kind=session_kind, compile_backend="eager")

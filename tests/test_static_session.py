@@ -200,6 +200,13 @@ def test_a_frozen_session_fuses_the_projections_and_keeps_the_tokens(tiny_dir):
             before = counters["inductor"]["extern_calls"]
             tokens[freeze] = session.greedy_extend(logits, 5).tokens
             products[freeze] = counters["inductor"]["extern_calls"] - before
+        # a frozen graph bakes in its session's cache buffers: a second frozen session on the
+        # same model, and a cache grown into new buffers, must get graphs of their own
+        for prompt in ([7, 8, 9], [(i * 7) % 290 + 5 for i in range(250)]):
+            eager, again = StaticSession(model), StaticSession(model, compiled=True, freeze=True)
+            want = eager.greedy_extend(eager.forward(prompt, 1)[-1], 12).tokens
+            assert again.greedy_extend(again.forward(prompt, 1)[-1], 12).tokens == want
+            assert again.capacity == eager.capacity  # the longer prompt grew both past 256
     torch._dynamo.reset()
     assert tokens[True] == tokens[False]
     layers = model.config.num_hidden_layers

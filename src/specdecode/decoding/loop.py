@@ -323,13 +323,14 @@ class SpeculativeGenerator:
         self.last_pass_size = size
         logits = self.session.forward(feed, size - pending + 1)[: k + 1]  # (k + 1, V)
         scores = sampler.scores(logits, ids + draft.tokens, len(ids))
-        tokens = torch.tensor(draft.tokens, dtype=torch.long, device=scores.device)
-        if sampler.greedy:
-            verdict = greedy_verify(tokens, greedy(scores))
-        elif isinstance(sampler, SeededSampler):
-            verdict = seeded_verify(tokens, scores, sampler.seed, sampler.position(len(ids)))
+        if sampler.greedy:  # the draft's ids as the host has them: one read back, the target's
+            verdict = greedy_verify(draft.tokens, greedy(scores))
         else:
-            verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
+            tokens = torch.tensor(draft.tokens, dtype=torch.long, device=scores.device)
+            if isinstance(sampler, SeededSampler):
+                verdict = seeded_verify(tokens, scores, sampler.seed, sampler.position(len(ids)))
+            else:
+                verdict = speculative_sample(tokens, draft.q, to_probs(scores), sampler.generator)
         self.session.truncate(len(ids) + verdict.num_accepted)
         if draft.free:
             self.schedule.update_free(draft, verdict)

@@ -115,14 +115,18 @@ class SequenceSession:
         chosen: list[torch.Tensor] = []
         probability: list[torch.Tensor] = []
         start = self.length
-        for step in range(steps):
-            scores = logits.float()
-            token = scores.argmax(dim=-1, keepdim=True)  # (1,), on the device
-            chosen.append(token)
-            if confidence:
-                probability.append(torch.softmax(scores, dim=-1).gather(-1, token))
-            if step + 1 < steps:
-                logits = self._step(token.view(1, 1), start + step)
+        try:
+            for step in range(steps):
+                scores = logits.float()
+                token = scores.argmax(dim=-1, keepdim=True)  # (1,), on the device
+                chosen.append(token)
+                if confidence:
+                    probability.append(torch.softmax(scores, dim=-1).gather(-1, token))
+                if step + 1 < steps:
+                    logits = self._step(token.view(1, 1), start + step)
+        except BaseException:  # the cache ran ahead of ``ids``: bring it back in step
+            self._rewind(start)
+            raise
         # token ids are exact in float64: one tensor, one read back
         values = torch.cat([torch.cat(chosen).double(), *(p.double() for p in probability)])
         host = values.tolist()
@@ -132,6 +136,10 @@ class SequenceSession:
 
     def _step(self, token: torch.Tensor, start: int) -> torch.Tensor:  # pragma: no cover
         """Run one token already on the device, (1, 1), at position ``start``: logits (V,)."""
+        raise NotImplementedError
+
+    def _rewind(self, length: int) -> None:  # pragma: no cover
+        """Cut the cache back to ``length`` positions, whatever ``ids`` says it holds."""
         raise NotImplementedError
 
 
@@ -175,6 +183,9 @@ class ModelSession(SequenceSession):
     def _step(self, token: torch.Tensor, start: int) -> torch.Tensor:
         """One token already on the device, (1, 1), after the cache's positions: logits (V,)."""
         return self._logits(token, 1)[0, -1]
+
+    def _rewind(self, length: int) -> None:
+        truncate_cache(self.cache, length)
 
     def _logits(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
         if self.lean is not None and self.lean.usable:

@@ -22,8 +22,12 @@ sizes it up front.
 inductor's *freezing*: the weights become constants of each compiled pass, which lets inductor
 concatenate the query, key and value projections into one product and the MLP's gate and up
 projections into another (4 products a layer instead of 7; on a GPU a 1B model's small products
-are launch-bound, docs/speed.md). The cost is memory: each compiled pass shape holds its own
-concatenated copies of those weights, and the weights can no longer change.
+are launch-bound, docs/speed.md). A frozen graph holds the tensors it reads as constants, the
+KV cache's buffers included, so a frozen session guards its buffers and the model's weights by
+address: a second session on the same model, or a cache grown into new buffers, compiles graphs
+of its own rather than run one that reads another cache. The cost is memory (each compiled
+pass shape of each frozen session holds its own concatenated copies of those weights) and
+compile time per session; the weights can no longer change.
 
 Outputs of a CUDA-graph replay live in buffers that the next replay overwrites, so the logits
 are cloned before they are returned.
@@ -104,6 +108,8 @@ class StaticSession(SequenceSession):
             self._forward = torch.compile(model, **options)
             if freeze:
                 self._forward = _with_freezing(self._forward)
+                for parameter in model.parameters():
+                    torch._dynamo.mark_static_address(parameter, guard=True)
 
     # ------------------------------------------------------------------ the session interface
     @property
@@ -183,6 +189,8 @@ class StaticSession(SequenceSession):
         )
         if size > n:
             self._set_length(start + n)
+        if not compiled and self.frozen:  # an eager pass may have made the cache's buffers
+            self._guard_buffers()
         logits: torch.Tensor = out.logits[0, : out.logits.shape[1] - (size - n), :]
         logits = logits[-num_logits:]
         # a replayed CUDA graph's outputs are overwritten by its next replay
@@ -221,6 +229,21 @@ class StaticSession(SequenceSession):
                 keys, values = before.keys[..., :length, :], before.values[..., :length, :]
                 after.update(keys, values)  # allocates the buffers, copies, sets the length
         self._set_length(length)
+        if self.frozen:
+            self._guard_buffers()
+
+    def _guard_buffers(self) -> None:
+        """A frozen graph bakes in the cache's buffers: guard them by address, so that other
+        buffers (another session's, a grown cache's) get graphs of their own."""
+        import torch._dynamo
+
+        for layer in self._layers:
+            if layer.is_initialized:
+                for tensor in (layer.keys, layer.values, layer.cumulative_length):
+                    torch._dynamo.mark_static_address(tensor, guard=True)
+
+    def _rewind(self, length: int) -> None:
+        self._set_length(length)
 
     @torch.inference_mode()  # the buffers are made inside forward's inference mode
     def _set_length(self, length: int) -> None:
@@ -240,7 +263,9 @@ def _mode_options(mode: str) -> dict[str, Any]:
 def _with_freezing(compiled: Callable[..., Any]) -> Callable[..., Any]:
     """``compiled`` called with inductor's freezing on, so that each pass shape it compiles on
     its first call is compiled frozen. (As a ``torch.compile`` option alone, freezing is not
-    seen where dynamo traces the model, and the projections stay apart.)"""
+    seen where dynamo traces the model, and the projections stay apart.) The patch is
+    process-wide while a call runs: another thread compiling at that moment would compile
+    frozen too."""
     import torch._inductor.config as inductor_config
 
     def call(*args: Any, **kwargs: Any) -> Any:

@@ -17,6 +17,7 @@ A round therefore always yields ``num_accepted + 1`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,17 +37,19 @@ class Verdict:
         return self.num_accepted < self.num_drafted
 
 
-def greedy_verify(draft_tokens: torch.Tensor, target_choice: torch.Tensor) -> Verdict:
+def greedy_verify(
+    draft_tokens: torch.Tensor | Sequence[int], target_choice: torch.Tensor
+) -> Verdict:
     """Greedy rule: keep the longest prefix where the draft equals the target's own choice.
 
     Args:
-        draft_tokens: (k,) drafted token ids.
+        draft_tokens: (k,) drafted token ids (a list spares a read back from the device).
         target_choice: (k + 1,) the target's argmax after each prefix (position i is the target's
             choice for the slot the i-th draft token fills; the last one follows all k).
     """
-    k = draft_tokens.numel()
     choice = target_choice.tolist()  # one read back from the device, not one per decision
-    drafted = draft_tokens.tolist()
+    drafted = draft_tokens.tolist() if isinstance(draft_tokens, torch.Tensor) else draft_tokens
+    k = len(drafted)
     n = next((i for i in range(k) if drafted[i] != choice[i]), k)
     return Verdict(num_accepted=n, next_token=int(choice[n]), num_drafted=k)
 
