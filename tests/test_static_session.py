@@ -215,3 +215,7 @@ def test_a_frozen_session_fuses_the_projections_and_keeps_the_tokens(tiny_dir):
         StaticSession(model, compiled=True, backend="eager", freeze=True)
     with pytest.raises(InvalidSettingsError, match="compiled"):
         StaticSession(model, freeze=True)
+    with pytest.raises(Exception, match="freeze_weights needs compiled sessions"):
+        load_model(tiny_dir("qwen2"), device="cpu", freeze_weights=True)
+    loaded = load_model(tiny_dir("qwen2"), device="cpu", session_kind=COMPILED, freeze_weights=True)
+    assert loaded.freeze_weights and loaded.new_session().frozen

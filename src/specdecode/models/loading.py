@@ -193,6 +193,7 @@ def load_model(
     session_kind: str = DYNAMIC,
     compile_backend: str = "inductor",
     forward: str = TRANSFORMERS_FORWARD,
+    freeze_weights: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -216,7 +217,9 @@ def load_model(
     ``session_kind`` picks how decoding holds the KV cache: ``dynamic`` (our rollback cache, the
     default), ``static`` (preallocated) or ``compiled`` (static, with short passes through
     ``torch.compile(mode="reduce-overhead")``: CUDA graphs on a GPU;
-    :mod:`specdecode.models.static_session`).
+    :mod:`specdecode.models.static_session`). ``freeze_weights`` (compiled sessions on
+    inductor; experimental) compiles them with inductor's freezing, which fuses the q/k/v and
+    gate/up products, at a cost in memory and compile time per session.
 
     ``forward`` picks the forward pass of dynamic sessions: ``transformers`` (the model's own),
     ``lean`` (:mod:`specdecode.models.lean`: fused projections, for Llama, Qwen2 and Mistral
@@ -237,6 +240,11 @@ def load_model(
     if session_kind not in SESSION_KINDS:
         raise ModelLoadError(
             f"unknown session kind {session_kind!r}: choose one of {', '.join(SESSION_KINDS)}"
+        )
+    if freeze_weights and (session_kind != COMPILED or compile_backend != "inductor"):
+        raise ModelLoadError(
+            "freeze_weights needs compiled sessions on the inductor backend (--kv-cache "
+            f"compiled), not {session_kind!r} sessions on {compile_backend!r}"
         )
 
     set_threads(threads)
@@ -306,6 +314,7 @@ def load_model(
         kernels=linear_kernels,
         session_kind=session_kind,
         compile_backend=compile_backend,
+        freeze_weights=freeze_weights,
         lean=lean,
     )
 
