@@ -58,4 +58,9 @@ def test_qwen_coder_pair_is_lossless():
         PROMPT, max_new_tokens=24
     )
     assert result.token_ids == reference
+    # the GPU's defaults, forced here: greedy drafts and plain tokens chosen on the device
+    on_device = SpeculativeGenerator(target, ModelDrafter(draft, on_device=True), 4)
+    assert on_device.generate(PROMPT, max_new_tokens=24).token_ids == reference
+    bursts = SpeculativeGenerator(target, None, tokens_per_sync=5)
+    assert bursts.generate(PROMPT, max_new_tokens=24).token_ids == reference
     assert result.stats.accepted > 0
