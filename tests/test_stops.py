@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specdecode import ModelDrafter, SpeculativeGenerator
 from specdecode.decoding import TextStream
@@ -87,3 +88,51 @@ def test_text_stream_holds_back_a_possible_stop_string():
     other = TextStream(_CharTokenizer(), stop_strings=["STOP"])
     assert other.push(list(b"abc ST")).text == "abc "
     assert other.push(list(b"ART")).text == "START"
+
+
+class _CountingTokenizer:
+    """A tokenizer's decode, counting the ids it is asked to decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_text_stream_decodes_incrementally_to_the_whole_text(tiny, arch):
+    """Each push decodes a bounded window, not the whole output again, and the text is the
+    whole output's decode at every step, multi-byte characters split across pushes included."""
+    tokenizer = tiny(arch).tokenizer
+    text = ("Héllo wörld, ünïcode ✓ café 你好 世界 🙂 def add(a, b): return a + b\n" * 12).strip()
+    ids = tokenizer(text)["input_ids"]
+    counting = _CountingTokenizer(tokenizer)
+    stream = TextStream(counting)
+    gen = torch.Generator().manual_seed(0)
+    released, start = [], 0
+    while start < len(ids):
+        size = int(torch.randint(1, 6, (1,), generator=gen))
+        before = counting.decoded
+        released.append(stream.push(ids[start : start + size]).text)
+        start += size
+        whole = tokenizer.decode(ids[:start], skip_special_tokens=True)
+        assert stream._full == whole
+        # a few windows of context, unsettled and pushed tokens (more while a character is
+        # split), however long the output: decoding it whole would cost up to len(ids)
+        assert counting.decoded - before <= 100
+    released.append(stream.flush())
+    assert "".join(released) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 200
+
+
+def test_text_stream_finds_a_stop_string_past_the_settled_text():
+    stream = TextStream(_CharTokenizer(), stop_strings=["STOP"])
+    out = [stream.push(list(bytes([b]))).text for b in b"a long line of text before the "]
+    update = stream.push(list(b"ST"))
+    assert update.text == ""
+    update = stream.push(list(b"OP and after"))
+    assert update.keep_tokens == 2 and stream.stopped
+    assert "".join(out) + update.text == "a long line of text before the "
+    assert stream.flush() == ""
