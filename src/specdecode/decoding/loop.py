@@ -65,11 +65,11 @@ class SpeculativeGenerator:
             filler is rolled back with the rejected drafts).
         tokens_per_sync: plain greedy decoding (no drafter, no repetition penalty) chooses this
             many tokens on the device, each fed back without leaving it, before reading them
-            back in one synchronisation (``Session.greedy_extend``), so that a GPU never waits
-            for the host between steps. The same tokens; they still
-            come as one event each, in bursts. At most ``tokens_per_sync - 1`` steps past an end
-            of sequence are computed and dropped. None: 8 on a CUDA device, 1 (a read back per
-            token) elsewhere, where the host waits for each step anyway.
+            back in one synchronisation (``Session.greedy_extend``), so that a GPU does not wait
+            for the host between steps. The same tokens; they still come as one event each, in
+            bursts. At most ``tokens_per_sync - 1`` steps past an end of sequence are computed
+            and dropped. None: 8 on a CUDA device, 1 (a read back per token) elsewhere, where
+            the host waits for each step anyway.
     """
 
     def __init__(
