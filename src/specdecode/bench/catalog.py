@@ -136,7 +136,7 @@ def standard_modes(
                 target,
                 PromptLookupDrafter(
                     max_ngram=config.ngram_max,
-                    min_ngram=1 if config.ngram_min is None else config.ngram_min,
+                    min_ngram=PromptLookupDrafter.min_ngram_for(config.ngram_min),
                 ),
                 config.schedule_for(config.lookup_tokens),
             ),

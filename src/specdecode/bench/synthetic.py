@@ -504,8 +504,8 @@ def _run_dtype(
     target, draft = pairs[DYNAMIC]
     ctarget, cdraft = pairs[COMPILED]
 
-    def ours(generator: SpeculativeGenerator) -> Callable[[ModeResult], None]:
-        return lambda r: time_ours(r, generator, prompts, max_new_tokens)
+    def ours(result: ModeResult, generator: SpeculativeGenerator) -> None:
+        time_ours(result, generator, prompts, max_new_tokens)
 
     mode("hf-plain", "hf-plain", lambda r: time_transformers(r, target, prompts, max_new_tokens))
     # the compiled modes choose greedy tokens on the device (as they do by default on a GPU),
@@ -514,32 +514,32 @@ def _run_dtype(
     mode(
         "plain",
         "ours-plain (compiled)",
-        lambda r: ours(SpeculativeGenerator(ctarget, None, tokens_per_sync=bursts))(r),
+        lambda r: ours(r, SpeculativeGenerator(ctarget, None, tokens_per_sync=bursts)),
     )
     # the same compiled loop with every token read back as it is chosen (the default on a
     # CPU; on a GPU the default reads back 8 at a time): what the bursts gain
     mode(
         "plain-per-token",
         "ours-plain (compiled, per-token read back)",
-        lambda r: ours(SpeculativeGenerator(ctarget, None, tokens_per_sync=1))(r),
+        lambda r: ours(r, SpeculativeGenerator(ctarget, None, tokens_per_sync=1)),
     )
 
     def frozen_plain(r: ModeResult) -> None:  # fused projections (StaticSession's freeze)
         frozen = dataclasses.replace(ctarget, freeze_weights=True)
         cuda = device.type == "cuda"
         before = torch.cuda.memory_allocated(device) if cuda else 0
-        ours(SpeculativeGenerator(frozen, None, tokens_per_sync=bursts))(r)
+        ours(r, SpeculativeGenerator(frozen, None, tokens_per_sync=bursts))
         if cuda:  # what the frozen graphs (their concatenated weights) and the session hold
             added = torch.cuda.memory_allocated(device) - before
             report.measures[f"{tag}_frozen_added_memory_bytes"] = added
 
     mode("plain-frozen", "ours-plain (compiled, frozen)", frozen_plain)
-    mode("plain-eager", "ours-plain (eager)", lambda r: ours(SpeculativeGenerator(target, None))(r))
+    mode("plain-eager", "ours-plain (eager)", lambda r: ours(r, SpeculativeGenerator(target, None)))
     for k in ks:
 
         def compiled_draft(r: ModeResult, k: int = k) -> None:
             drafter = ModelDrafter(cdraft, on_device=True)
-            ours(SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))(r)
+            ours(r, SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))
             costs = step_costs(ctarget, cdraft, prompts[0], k)
             report.measures[f"{tag}_compiled_costs_k{k}"] = costs
             r.c = costs["draft_step"] / costs["target_step"]
@@ -547,10 +547,10 @@ def _run_dtype(
 
         def per_token_draft(r: ModeResult, k: int = k) -> None:
             drafter = ModelDrafter(cdraft, on_device=False)
-            ours(SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))(r)
+            ours(r, SpeculativeGenerator(ctarget, drafter, k, pad_passes=False))
 
         def eager_draft(r: ModeResult, k: int = k) -> None:
-            ours(SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False))(r)
+            ours(r, SpeculativeGenerator(target, ModelDrafter(draft), k, pad_passes=False))
 
         def hf_assisted(r: ModeResult, k: int = k) -> None:
             time_transformers(r, target, prompts, max_new_tokens, draft, k)

@@ -285,7 +285,7 @@ def build_drafter(args: argparse.Namespace, target: LoadedModel) -> Drafter | No
         return model
     if model is None:
         return PromptLookupDrafter(
-            max_ngram=args.ngram_max, min_ngram=1 if args.ngram_min is None else args.ngram_min
+            max_ngram=args.ngram_max, min_ngram=PromptLookupDrafter.min_ngram_for(args.ngram_min)
         )
     return LookupDrafter(
         model,

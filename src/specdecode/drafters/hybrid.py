@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from specdecode.drafters.base import Draft, Drafter, StopRule
-from specdecode.drafters.prompt_lookup import NgramIndex
+from specdecode.drafters.prompt_lookup import LooksUpNgrams, NgramIndex
 from specdecode.errors import InvalidSettingsError
 from specdecode.sampling import TokenSampler
 from specdecode.verify import Verdict
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from specdecode.models import Session
 
 
-class LookupDrafter(Drafter):
+class LookupDrafter(LooksUpNgrams, Drafter):
     """Prompt lookup in front of another drafter (a draft model, layer skipping).
 
     Args:
@@ -58,8 +58,6 @@ class LookupDrafter(Drafter):
         self.index = NgramIndex(max_ngram, min_ngram)  # checks the n-gram range
         self.model = model
         self.lookup_tokens = lookup_tokens
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
 
     @classmethod
     def min_ngram_for(cls, max_ngram: int, asked: int | None) -> int:

@@ -13,7 +13,21 @@ from specdecode.errors import InvalidSettingsError
 from specdecode.sampling import TokenSampler
 
 
-class PromptLookupDrafter(Drafter):
+class LooksUpNgrams:
+    """A drafter searching with an :class:`NgramIndex`: its n-gram range is the index's."""
+
+    index: NgramIndex
+
+    @property
+    def max_ngram(self) -> int:
+        return self.index.max_ngram
+
+    @property
+    def min_ngram(self) -> int:
+        return self.index.min_ngram
+
+
+class PromptLookupDrafter(LooksUpNgrams, Drafter):
     """N-gram matching over the prompt and the text generated so far (Saxena 2023).
 
     The longest suffix n-gram (from ``max_ngram`` down to ``min_ngram`` tokens) is searched for
@@ -25,11 +39,15 @@ class PromptLookupDrafter(Drafter):
     """
 
     name = "prompt-lookup"
+    DEFAULT_MIN_NGRAM = 1
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = DEFAULT_MIN_NGRAM) -> None:
         self.index = NgramIndex(max_ngram, min_ngram)  # checks the n-gram range
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
+
+    @classmethod
+    def min_ngram_for(cls, asked: int | None) -> int:
+        """The shortest n-gram: ``asked``, else the default (a single token)."""
+        return cls.DEFAULT_MIN_NGRAM if asked is None else asked
 
     def begin(self, prompt_ids: Sequence[int]) -> None:
         self.index.reset()
