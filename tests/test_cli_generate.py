@@ -77,6 +77,21 @@ def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
     assert out.endswith("\n") and "tok/s" in err and "tau" in err and "alpha" in err
 
 
+def test_logprobs_in_json_and_as_a_table(capsys, tiny_dir):
+    args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "6", "--logprobs", "2"]
+    code, out, _ = run_cli(capsys, *args, "--prompt-lookup", "--json")
+    assert code == 0
+    payload = json.loads(out)
+    logprobs = payload["logprobs"]
+    assert [lp["token_id"] for lp in logprobs] == payload["token_ids"]
+    assert all(lp["logprob"] <= 0 and len(lp["top"]) == 2 for lp in logprobs)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0
+    lines = err.strip().splitlines()
+    table = lines[[i for i, line in enumerate(lines) if "tok/s" in line][-1] + 1 :]
+    assert len(table) == 6 and all("|" in line for line in table)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -87,6 +102,7 @@ def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
         (["-n", "0"], "num-samples"),
         (["--draft-prompt-window", "0"], "prompt window"),
         (["--draft-prompt-window", "many"], "prompt window"),
+        (["--logprobs", "-2"], "logprobs"),
     ],
 )
 def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):

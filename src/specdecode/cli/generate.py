@@ -33,6 +33,15 @@ def add_parser(sub: Any) -> None:
         "-n", "--num-samples", type=int, default=1, help="independent samples (one seed each)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="each new token's log-probability under the target (raw, before temperature and "
+        "truncation) and its N most likely alternatives: in the JSON output with --json, "
+        "else as a table on standard error after the text",
+    )
     p.set_defaults(run=run)
 
 
@@ -77,7 +86,8 @@ def _one(
     seed: int,
     stream_text: bool,
 ) -> GenerationResult:
-    for event in generator.stream(prompt, chat=args.chat, seed=seed, **kwargs):
+    events = generator.stream(prompt, chat=args.chat, seed=seed, logprobs=args.logprobs, **kwargs)
+    for event in events:
         if stream_text and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -85,6 +95,8 @@ def _one(
             if stream_text:
                 sys.stdout.write("\n")
                 print(summary_line(event.result), file=sys.stderr)
+                if event.result.logprobs is not None:
+                    print(logprob_table(generator, event.result), file=sys.stderr)
             return event.result
     raise RuntimeError("generation ended without a result")  # pragma: no cover
 
@@ -96,6 +108,20 @@ def summary_line(result: GenerationResult) -> str:
         f"[{s.new_tokens} tokens in {s.total_seconds:.2f}s, {s.tokens_per_second:.1f} tok/s, "
         f"tau {s.tau:.2f}, alpha {alpha}, finish: {result.finish_reason}]"
     )
+
+
+def logprob_table(generator: SpeculativeGenerator, result: GenerationResult) -> str:
+    """One line per new token: the token, its log-probability, the alternatives asked for."""
+
+    def show(token_id: int) -> str:
+        return repr(generator.target.tokenizer.decode([token_id]))
+
+    lines = []
+    for lp in result.logprobs or ():
+        others = "  ".join(f"{show(t)} {v:.3f}" for t, v in lp.top)
+        line = f"{show(lp.token_id):>16} {lp.logprob:9.4f}"
+        lines.append(f"{line}  | {others}" if others else line)
+    return "\n".join(lines)
 
 
 def _fresh_seed() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from specdecode.sampling.logprobs import TokenLogprob
+
 FinishReason = Literal["eos", "stop_string", "length", "cancelled"]
 
 
@@ -113,6 +115,8 @@ class RoundEvent:
     draft_seconds: float
     target_seconds: float
     copied: bool = False  # the drafted tokens were copied from the context by prompt lookup
+    # per token of ``token_ids`` when the call asked for ``logprobs`` (else None)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,15 +130,20 @@ class GenerationResult:
     stats: GenerationStats
     seed: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # per token of ``token_ids`` when the call asked for ``logprobs`` (else None)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "text": self.text,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
             "seed": self.seed,
             "stats": self.stats.to_dict(),
         }
+        if self.logprobs is not None:
+            out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        return out
 
 
 @dataclass(frozen=True)

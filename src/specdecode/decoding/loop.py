@@ -33,7 +33,14 @@ from specdecode.errors import InvalidSettingsError, PromptError
 from specdecode.models import LoadedModel, Session
 from specdecode.models.costs import PassCosts, can_pad, pass_costs_for
 from specdecode.models.timing import synchronize
-from specdecode.sampling import SeededSampler, TokenSampler, greedy, to_probs
+from specdecode.sampling import (
+    SeededSampler,
+    TokenLogprob,
+    TokenSampler,
+    greedy,
+    to_probs,
+    token_logprobs,
+)
 from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative_sample
 
 # positions reserved beyond prompt + max_new_tokens: a padded pass's filler (at most 16 tokens)
@@ -151,6 +158,7 @@ class SpeculativeGenerator:
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         sampling_mode: str | None = None,
+        logprobs: int | None = None,
         **generation_kwargs: Any,
     ) -> Iterator[GenerationEvent]:
         """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
@@ -169,7 +177,13 @@ class SpeculativeGenerator:
         prompt, settings and target alone, whatever the drafter and draft length;
         ``"rejection"`` is standard speculative sampling (higher acceptance); ``"auto"`` or None
         (the default) is seeded when ``seed`` is given, rejection otherwise.
+
+        ``logprobs``: give each new token's log-probability under the target's raw distribution
+        (before any penalty, temperature or truncation) and this many most likely alternatives
+        (0: the chosen token's alone), in ``RoundEvent.logprobs`` and ``GenerationResult.logprobs``.
+        Read from the passes that chose the tokens: no extra pass.
         """
+        top_logprobs = self._check_logprobs(logprobs)
         call = split_call(prompt, generation_kwargs)
         prompt_ids = self.encode(call.prompt, chat=chat)
         mode = resolve_sampling_mode(sampling_mode, seed_given=seed is not None)
@@ -180,7 +194,22 @@ class SpeculativeGenerator:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
         runner = self._for_call(call.drafting)
-        yield from runner._decode(prompt_ids, request, sampler, seed, should_stop)
+        yield from runner._decode(prompt_ids, request, sampler, seed, should_stop, top_logprobs)
+
+    def _check_logprobs(self, logprobs: Any) -> int | None:
+        if logprobs is None:
+            return None
+        if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
+            raise InvalidSettingsError(
+                f"logprobs must be a whole number of alternatives to give per token (0: the "
+                f"chosen token's log-probability alone), got {logprobs!r}"
+            )
+        if logprobs > self.vocab_size:
+            raise InvalidSettingsError(
+                f"logprobs asks for {logprobs} alternatives but the vocabulary has "
+                f"{self.vocab_size} tokens"
+            )
+        return logprobs
 
     def _for_call(self, drafting: DraftingOverrides) -> SpeculativeGenerator:
         """This generator, or a shallow copy (same target session) drafting as the call asks."""
@@ -199,6 +228,7 @@ class SpeculativeGenerator:
         sampler: TokenSampler,
         seed: int,
         should_stop: Callable[[], bool] | None,
+        top_logprobs: int | None = None,
     ) -> Iterator[GenerationEvent]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         text = TextStream(self.target.tokenizer, request.stop_strings)
@@ -219,19 +249,28 @@ class SpeculativeGenerator:
         # Prefill: the prompt in one pass gives the first token.
         logits = self.session.forward(ids, 1)
         first = sampler.choose(sampler.scores(logits, ids, len(ids))[0])
+        round_logprobs = self._logprobs(logits, [first.token], top_logprobs)
         synchronize(self.session.device)
         stats.target_passes = 1
         stats.target_seconds = stats.time_to_first_token = time.perf_counter() - start
         proposal, verdict, draft = [first.token], Verdict(0, first.token, 0), EMPTY_DRAFT
         target_seconds = stats.target_seconds
 
-        run_ahead = self.drafter is None and self.tokens_per_sync > 1 and sampler.plain_argmax
+        run_ahead = (
+            self.drafter is None
+            and self.tokens_per_sync > 1
+            and sampler.plain_argmax
+            and top_logprobs is None  # the logprobs need each step's logits on the host
+        )
         ahead: list[int] = []  # tokens chosen on the device, not yet given out
+        all_logprobs: list[TokenLogprob] | None = None if top_logprobs is None else []
         finish: FinishReason | None = None
         while True:
             event, finish = self._accept(
-                proposal, verdict, draft, target_seconds, new, text, request
+                proposal, verdict, draft, target_seconds, new, text, request, round_logprobs
             )
+            if all_logprobs is not None and event.logprobs is not None:
+                all_logprobs.extend(event.logprobs)
             ids.extend(event.token_ids)
             stats.new_tokens = len(new)
             yield event
@@ -251,7 +290,9 @@ class SpeculativeGenerator:
                 continue
             draft = self._draft(ids, request.max_new_tokens - len(new), sampler)
             tick = time.perf_counter()
-            verdict = self._verify(ids, draft, sampler)
+            verdict, logits = self._verify(ids, draft, sampler)
+            proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
+            round_logprobs = self._logprobs(logits, proposal, top_logprobs)
             synchronize(self.session.device)
             target_seconds = time.perf_counter() - tick
             stats.record_round(len(draft), verdict.num_accepted, draft.free)
@@ -261,7 +302,6 @@ class SpeculativeGenerator:
             stats.draft_seconds += draft.seconds
             stats.draft_prefill_seconds += draft.prefill_seconds
             stats.target_seconds += target_seconds
-            proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
 
         stats.total_seconds = time.perf_counter() - start
         tail = text.flush()
@@ -273,8 +313,16 @@ class SpeculativeGenerator:
             stats=stats,
             seed=seed if sampler.settings.do_sample else None,
             settings=request.describe(),
+            logprobs=None if all_logprobs is None else tuple(all_logprobs),
         )
         yield FinishEvent(result=result, text=tail)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: list[int], top: int | None
+    ) -> list[TokenLogprob] | None:
+        """The round's tokens' log-probabilities (row i of ``logits`` chose ``tokens[i]``)."""
+        return None if top is None else token_logprobs(logits, tokens, top)
 
     def _draft(self, ids: list[int], remaining: int, sampler: TokenSampler) -> Draft:
         """Ask the drafter for at most k tokens, never more than the budget minus the target's.
@@ -308,8 +356,11 @@ class SpeculativeGenerator:
         usable = next((i for i, t in enumerate(draft.tokens) if t >= self.vocab_size), len(draft))
         return draft.head(min(usable, limit))
 
-    def _verify(self, ids: list[int], draft: Draft, sampler: TokenSampler) -> Verdict:
+    def _verify(
+        self, ids: list[int], draft: Draft, sampler: TokenSampler
+    ) -> tuple[Verdict, torch.Tensor]:
         """One target pass over the pending token and the draft; roll back what is rejected.
+        Returns the verdict and the pass's logits (k + 1, V) of the real positions.
 
         The pass may be padded with filler (copies of the last token) up to a cheaper size: the
         filler comes after every real position, so causal attention keeps it from changing
@@ -334,11 +385,11 @@ class SpeculativeGenerator:
         self.session.truncate(len(ids) + verdict.num_accepted)
         if draft.free:
             self.schedule.update_free(draft, verdict)
-            return verdict
+            return verdict, logits
         self.schedule.update(verdict, draft.confidence)
         if self.drafter is not None:
             self.drafter.observe(verdict)
-        return verdict
+        return verdict, logits
 
     def _calibrate(self, context: list[int]) -> None:
         """Measure the target's pass costs once per generator, at the first prompt's length
@@ -366,6 +417,7 @@ class SpeculativeGenerator:
         new: list[int],
         text: TextStream,
         request: GenerationRequest,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> tuple[RoundEvent, FinishReason | None]:
         """Apply the stops to a round's tokens, append them to ``new``, build the event."""
         finish: FinishReason | None = None
@@ -392,6 +444,7 @@ class SpeculativeGenerator:
             draft_seconds=draft.seconds,
             target_seconds=target_seconds,
             copied=draft.ngram > 0,  # prompt lookup's draft (alone or in front of a model)
+            logprobs=None if logprobs is None else tuple(logprobs[: len(tokens)]),
         )
         return event, finish
 

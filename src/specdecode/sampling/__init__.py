@@ -1,6 +1,7 @@
 """Pure sampling core: settings, logits processors and samplers. Imports no model code."""
 
 from specdecode.sampling.gumbel import gumbel_argmax, gumbel_noise
+from specdecode.sampling.logprobs import TokenLogprob, token_logprobs
 from specdecode.sampling.processors import (
     apply_min_p,
     apply_repetition_penalty,
@@ -18,6 +19,7 @@ __all__ = [
     "Choice",
     "SamplingSettings",
     "SeededSampler",
+    "TokenLogprob",
     "TokenSampler",
     "apply_min_p",
     "apply_repetition_penalty",
@@ -31,4 +33,5 @@ __all__ = [
     "resolve_sampling",
     "sample",
     "to_probs",
+    "token_logprobs",
 ]

@@ -22,6 +22,7 @@ from specdecode import __version__
 from specdecode.server.engine import Engine
 from specdecode.server.errors import APIError, internal_error
 from specdecode.server.formats import ChatFormat, CompletionFormat, ResponseFormat
+from specdecode.server.logprobs import TokenTexts
 from specdecode.server.metrics import CONTENT_TYPE
 from specdecode.server.middleware import ApiKeyAuth, BodyLimit, HttpMetrics
 from specdecode.server.planning import RequestPlanner
@@ -72,13 +73,13 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         spec = await run_in_threadpool(request.app.state.planner.chat, body)
-        fmt = ChatFormat(request.app.state.settings.served_model_name, spec)
+        fmt = ChatFormat(request.app.state.settings.served_model_name, spec, _texts(request))
         return await _serve(request, fmt, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         spec = await run_in_threadpool(request.app.state.planner.completion, body)
-        fmt = CompletionFormat(request.app.state.settings.served_model_name, spec)
+        fmt = CompletionFormat(request.app.state.settings.served_model_name, spec, _texts(request))
         return await _serve(request, fmt, body.stream, body.include_usage)
 
     @app.get("/v1/models")
@@ -105,6 +106,11 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+def _texts(request: Request) -> TokenTexts:
+    texts: TokenTexts = request.app.state.planner.token_texts
+    return texts
 
 
 async def _serve(request: Request, fmt: ResponseFormat, stream: bool, usage: bool) -> Response:

@@ -23,6 +23,7 @@ from typing import Any
 
 from specdecode.decoding import FinishEvent, GenerationResult, RoundEvent, SpeculativeGenerator
 from specdecode.errors import SpecDecodeError
+from specdecode.sampling import TokenLogprob
 from specdecode.server.errors import (
     APIError,
     bad_request,
@@ -51,10 +52,12 @@ class GenerationOptions:
     # a client's seed asks for reproducible text: the seeded mode makes it independent of the
     # server's drafter; without one, the rejection rule accepts more drafts
     seeded: bool = False
+    logprobs: int | None = None  # alternatives per token (0: the chosen token's alone; None: off)
 
     def loop_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`SpeculativeGenerator.stream`."""
         return {
+            "logprobs": self.logprobs,
             "sampling_mode": "seeded" if self.seeded else "rejection",
             "temperature": self.temperature,
             "max_new_tokens": self.max_new_tokens,
@@ -94,6 +97,7 @@ class ChoiceUpdate:
     tau: float  # running tau of the choice
     tokens_per_second: float  # running rate of the choice
     result: GenerationResult | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per token of ``token_ids``, when asked
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class _Progress:
             ),
             tau=self.tokens / self.passes,
             tokens_per_second=self.tokens / elapsed,
+            logprobs=event.logprobs,
         )
 
     def finish(self, event: FinishEvent) -> ChoiceUpdate:

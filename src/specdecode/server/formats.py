@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import BaseModel
 
 from specdecode.decoding import GenerationResult, GenerationStats
+from specdecode.sampling import TokenLogprob
 from specdecode.server.engine import ChoiceUpdate, JobSpec
+from specdecode.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from specdecode.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -17,9 +19,11 @@ from specdecode.server.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChunkExtension,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     FinishReason,
     ResponseExtension,
     SpeculationStats,
@@ -72,14 +76,22 @@ Results = Mapping[int, GenerationResult]  # by choice index
 
 
 class ResponseFormat(ABC):
-    """Builds the bodies of one request; subclasses give the chat or text shapes."""
+    """Builds the bodies of one request; subclasses give the chat or text shapes.
+
+    ``texts`` shows tokens as text and bytes, for requests that ask for log-probabilities."""
 
     id_prefix = "cmpl"
 
-    def __init__(self, model: str, spec: JobSpec) -> None:
+    def __init__(self, model: str, spec: JobSpec, texts: TokenTexts | None = None) -> None:
         self.model = model
         self.spec = spec
+        self.texts = texts
         self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
+
+    def _texts(self) -> TokenTexts:
+        if self.texts is None:
+            raise RuntimeError("log-probabilities were asked for but the format has no tokenizer")
+        return self.texts
 
     def usage(self, results: Iterable[GenerationResult]) -> Usage:
         completion = sum(len(r.token_ids) for r in results)
@@ -151,10 +163,16 @@ class ChatFormat(ResponseFormat):
             for c in self.spec.choices
         ]
 
+    def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
+        return None if logprobs is None else chat_logprobs(self._texts(), logprobs)
+
     def chunk(self, update: ChoiceUpdate) -> BaseModel:
         finish = None if update.result is None else finish_reason(update.result)
         choice = ChatChunkChoice(
-            index=update.index, delta=ChatDelta(content=update.text), finish_reason=finish
+            index=update.index,
+            delta=ChatDelta(content=update.text),
+            finish_reason=finish,
+            logprobs=self._logprobs(update.logprobs or None),
         )
         return ChatCompletionChunk(
             id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
@@ -166,6 +184,7 @@ class ChatFormat(ResponseFormat):
                 index=i,
                 message=AssistantMessage(content=results[i].text),
                 finish_reason=finish_reason(results[i]),
+                logprobs=self._logprobs(results[i].logprobs),
             )
             for i in sorted(results)
         ]
@@ -181,16 +200,40 @@ class ChatFormat(ResponseFormat):
 class CompletionFormat(ResponseFormat):
     chunk_model = Completion
 
+    def __init__(self, model: str, spec: JobSpec, texts: TokenTexts | None = None) -> None:
+        super().__init__(model, spec, texts)
+        self._offsets: dict[int, int] = {}  # per streamed choice: where its next token starts
+
+    def _logprobs(
+        self, logprobs: Sequence[TokenLogprob] | None, index: int
+    ) -> CompletionLogprobs | None:
+        if logprobs is None:
+            return None
+        out = completion_logprobs(self._texts(), logprobs, self._offsets.get(index, 0))
+        if out.tokens:
+            self._offsets[index] = out.text_offset[-1] + len(out.tokens[-1])
+        return out
+
     def chunk(self, update: ChoiceUpdate) -> BaseModel:
         finish = None if update.result is None else finish_reason(update.result)
-        choice = CompletionChoice(index=update.index, text=update.text, finish_reason=finish)
+        choice = CompletionChoice(
+            index=update.index,
+            text=update.text,
+            finish_reason=finish,
+            logprobs=self._logprobs(update.logprobs or None, update.index),
+        )
         return Completion(
             id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
         )
 
     def response(self, results: Results) -> BaseModel:
         choices = [
-            CompletionChoice(index=i, text=results[i].text, finish_reason=finish_reason(results[i]))
+            CompletionChoice(
+                index=i,
+                text=results[i].text,
+                finish_reason=finish_reason(results[i]),
+                logprobs=self._logprobs(results[i].logprobs, i),
+            )
             for i in sorted(results)
         ]
         return Completion(

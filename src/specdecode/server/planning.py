@@ -16,6 +16,7 @@ from specdecode.decoding import SpeculativeGenerator, resolve_request, sample_se
 from specdecode.errors import InvalidSettingsError, PromptError
 from specdecode.server.engine import ChoiceSpec, GenerationOptions, JobSpec
 from specdecode.server.errors import bad_request, model_not_found
+from specdecode.server.logprobs import TokenTexts
 from specdecode.server.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -36,6 +37,7 @@ class RequestPlanner:
         self.generator = generator
         self.settings = settings
         self.tokenizer = generator.target.tokenizer
+        self.token_texts = TokenTexts(self.tokenizer)  # tokens shown in log-probabilities
         self.vocab_size = int(generator.target.model.get_input_embeddings().num_embeddings)
         self._lock = threading.Lock()
 
@@ -44,13 +46,18 @@ class RequestPlanner:
         with self._lock:
             ids = self._template(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return self._plan(body, [ids], max_tokens, param="messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request(
+                'top_logprobs needs logprobs: set "logprobs": true as well', "top_logprobs"
+            )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return self._plan(body, [ids], max_tokens, param="messages", logprobs=logprobs)
 
     def completion(self, body: CompletionRequest) -> JobSpec:
         self.check_model(body.model)
         with self._lock:
             prompts = self._prompts(body.prompt)
-        return self._plan(body, prompts, body.max_tokens, param="prompt")
+        return self._plan(body, prompts, body.max_tokens, param="prompt", logprobs=body.logprobs)
 
     # ----------------------------------------------------------------------------- prompts
     def check_model(self, name: str) -> None:
@@ -104,7 +111,12 @@ class RequestPlanner:
 
     # ----------------------------------------------------------------------------- the plan
     def _plan(
-        self, body: GenerationFields, prompts: list[list[int]], max_tokens: int | None, param: str
+        self,
+        body: GenerationFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        param: str,
+        logprobs: int | None = None,
     ) -> JobSpec:
         total = len(prompts) * body.n
         if total > self.settings.max_choices:
@@ -116,7 +128,7 @@ class RequestPlanner:
         if not prompts:
             raise bad_request("the prompt is empty: give some text to continue", param)
         prompts = [self._check_ids(ids, param) for ids in prompts]
-        options = self._options(body, max_tokens)
+        options = self._options(body, max_tokens, logprobs)
         self._check_options(options, max(len(ids) for ids in prompts))
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
         choices = tuple(
@@ -127,7 +139,9 @@ class RequestPlanner:
         prompt_tokens = sum(len(ids) for ids in prompts)
         return JobSpec(choices=choices, options=options, prompt_tokens=prompt_tokens)
 
-    def _options(self, body: GenerationFields, max_tokens: int | None) -> GenerationOptions:
+    def _options(
+        self, body: GenerationFields, max_tokens: int | None, logprobs: int | None
+    ) -> GenerationOptions:
         stop = body.stop
         return GenerationOptions(
             temperature=(
@@ -140,11 +154,13 @@ class RequestPlanner:
             repetition_penalty=body.repetition_penalty,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             seeded=body.seed is not None,
+            logprobs=logprobs,
         )
 
     def _check_options(self, options: GenerationOptions, prompt_length: int) -> None:
         """Resolve the options as the loop will, so that bad values fail now with a 400."""
         kwargs: dict[str, Any] = options.loop_kwargs()
+        kwargs.pop("logprobs")  # an output option, checked by the schema
         try:
             resolve_request(self.generator.target, prompt_length, **kwargs)
         except InvalidSettingsError as exc:

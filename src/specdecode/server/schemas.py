@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI: 20 for chat, 5 for text completions)
 
 
 class _Request(BaseModel):
@@ -61,11 +62,15 @@ class GenerationFields(_Request):
 class ChatCompletionRequest(GenerationFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # wins over max_tokens
+    logprobs: bool | None = None  # each token's log-probability in ``choices[i].logprobs``
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # needs logprobs
 
 
 class CompletionRequest(GenerationFields):
     # One prompt or several: text, texts, token ids, or lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
+    # each token's log-probability and this many alternatives (0: the chosen token's alone)
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 # ----------------------------------------------------------------------------- responses
@@ -125,6 +130,28 @@ class ResponseExtension(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's bytes (UTF-8 for whole characters)
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at this position, best first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # the alternatives asked for, and the chosen token
+    text_offset: list[int]  # where each token starts in ``text``
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -134,7 +161,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -161,7 +188,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -178,7 +205,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

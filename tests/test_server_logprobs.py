@@ -1,0 +1,158 @@
+"""``logprobs`` in the server's answers: the loop's values, in the OpenAI API's shapes, whole and
+streamed, read by the ``openai`` client's own types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+
+from specdecode.decoding import SpeculativeGenerator
+from specdecode.drafters import ModelDrafter
+from specdecode.models import load_model
+from specdecode.server import Engine, ServerSettings, create_app
+from specdecode.server.logprobs import TokenTexts
+from specdecode.testing import tiny_tokenizer
+
+from .test_server import MODEL, USER, chat_body, chat_ids, expect_error, post, sse, tiny_models
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeculativeGenerator]:
+    root: Path = tiny_models(tmp_path_factory)
+    threads = torch.get_num_threads()
+    target = load_model(root / "target", device="cpu", threads=1)
+    yield SpeculativeGenerator(target, ModelDrafter(load_model(root / "draft")), draft_length=4)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def app(generator: SpeculativeGenerator) -> Iterator[Any]:
+    engine = Engine(generator, max_queue=4, timeout=60)
+    yield create_app(engine, ServerSettings(served_model_name=MODEL))
+    engine.close()
+
+
+def test_chat_logprobs_are_the_loops_in_openais_shape(
+    app: Any, generator: SpeculativeGenerator
+) -> None:
+    body = post(app, "/v1/chat/completions", chat_body(logprobs=True, top_logprobs=3)).json()
+    parsed = openai.types.chat.ChatCompletion.model_validate(body)
+    expected = generator.generate(
+        chat_ids(generator, USER), max_new_tokens=24, temperature=0, logprobs=3
+    )
+    assert expected.logprobs is not None
+    content = parsed.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == len(expected.token_ids)
+    texts = TokenTexts(generator.target.tokenizer)
+    for entry, lp in zip(content, expected.logprobs, strict=True):
+        assert entry.token == texts.text(lp.token_id)
+        assert entry.logprob == pytest.approx(lp.logprob, abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [texts.text(t) for t, _ in lp.top]
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)  # greedy
+    tokenizer = generator.target.tokenizer
+    whole = b"".join(bytes(entry.bytes or []) for entry in content)
+    assert whole.decode("utf-8", errors="replace") == tokenizer.decode(expected.token_ids)
+
+
+def test_chat_without_logprobs_has_none_and_top_alone_is_refused(app: Any) -> None:
+    body = post(app, "/v1/chat/completions", chat_body(max_tokens=4)).json()
+    assert body["choices"][0]["logprobs"] is None
+    message = expect_error(
+        post(app, "/v1/chat/completions", chat_body(top_logprobs=2)), 400, "top_logprobs"
+    )
+    assert '"logprobs": true' in message
+    expect_error(post(app, "/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21)), 422)
+    zero = post(app, "/v1/chat/completions", chat_body(max_tokens=3, logprobs=True)).json()
+    assert all(entry["top_logprobs"] == [] for entry in zero["choices"][0]["logprobs"]["content"])
+
+
+def test_chat_stream_gives_each_chunks_tokens(app: Any) -> None:
+    whole = post(app, "/v1/chat/completions", chat_body(logprobs=True, top_logprobs=1)).json()
+    chunks = sse(
+        post(app, "/v1/chat/completions", chat_body(logprobs=True, top_logprobs=1, stream=True))
+    )
+    for chunk in chunks:
+        openai.types.chat.ChatCompletionChunk.model_validate(chunk)
+    streamed = []
+    for chunk in chunks[1:]:
+        choice = chunk["choices"][0]
+        if chunk["specdecode"]["tokens"]:
+            assert len(choice["logprobs"]["content"]) == len(chunk["specdecode"]["tokens"])
+            streamed.extend(choice["logprobs"]["content"])
+        else:
+            assert choice["logprobs"] is None
+    assert streamed == whole["choices"][0]["logprobs"]["content"]
+
+
+def test_completion_logprobs_whole_and_streamed(app: Any, generator: SpeculativeGenerator) -> None:
+    ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "logprobs": 2}
+    body = post(app, "/v1/completions", ask).json()
+    parsed = openai.types.Completion.model_validate(body)
+    logprobs = parsed.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    expected = generator.generate(PROMPT, max_new_tokens=12, temperature=0, logprobs=2)
+    assert expected.logprobs is not None
+    assert logprobs.token_logprobs == pytest.approx([lp.logprob for lp in expected.logprobs])
+    assert body["choices"][0]["text"] == expected.text
+    texts = TokenTexts(generator.target.tokenizer)
+    assert logprobs.tokens == [texts.text(lp.token_id) for lp in expected.logprobs]
+    if "\ufffd" not in expected.text:  # a random model's bytes need not be whole characters
+        assert "".join(logprobs.tokens) == expected.text
+    offsets = [0]
+    for token in logprobs.tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert logprobs.text_offset == offsets
+    for token, top in zip(logprobs.tokens, logprobs.top_logprobs or [], strict=True):
+        assert token in top and 2 <= len(top) <= 3  # the alternatives and the chosen token
+
+    chunks = sse(post(app, "/v1/completions", {**ask, "stream": True}))
+    streamed: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in chunks:  # (the client's Completion type wants a finish reason in every chunk)
+        part = chunk["choices"][0]["logprobs"]
+        if part is not None:
+            openai.types.completion_choice.Logprobs.model_validate(part)
+        for key in streamed:
+            streamed[key].extend(part[key] if part else [])
+    assert streamed["tokens"] == logprobs.tokens
+    assert streamed["text_offset"] == logprobs.text_offset  # running offsets across chunks
+    assert streamed["token_logprobs"] == pytest.approx(logprobs.token_logprobs)
+    expect_error(post(app, "/v1/completions", {**ask, "logprobs": -1}), 422)
+
+
+def test_several_choices_each_get_their_own(app: Any) -> None:
+    ask = {"model": MODEL, "prompt": [PROMPT, "import os"], "max_tokens": 5, "logprobs": 0}
+    body = post(app, "/v1/completions", ask).json()
+    for choice in body["choices"]:
+        assert len(choice["logprobs"]["tokens"]) >= 1
+        assert choice["logprobs"]["text_offset"][0] == 0
+
+
+def test_token_bytes_are_exact_for_byte_level_tokenizers() -> None:
+    """A character split over two tokens: each token's bytes, its text spelling the rest."""
+    tokenizer = tiny_tokenizer()
+    texts = TokenTexts(tokenizer)
+    assert texts.byte_level
+    text = "naïve 中文 “quotes” ok"
+    ids = tokenizer(text)["input_ids"]
+    shown = [texts.show(i) for i in ids]
+    assert b"".join(bytes(raw) for _, raw in shown).decode("utf-8") == text
+    partial = [t for t, raw in shown if bytes(raw).decode("utf-8", errors="replace") != t]
+    assert all("\\x" in t for t in partial)
+
+
+def test_tokenizers_that_are_not_byte_level_decode_each_token() -> None:
+    class Plain:
+        def decode(self, ids: list[int]) -> str:
+            return {1: "é", 2: "ab"}[ids[0]]
+
+    texts = TokenTexts(Plain())
+    assert not texts.byte_level
+    assert texts.show(1) == ("é", (0xC3, 0xA9))
+    assert texts.show(2) == ("ab", (97, 98))
