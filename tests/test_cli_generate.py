@@ -77,6 +77,14 @@ def test_streams_text_and_prints_a_summary(capsys, tiny_dir):
     assert out.endswith("\n") and "tok/s" in err and "tau" in err and "alpha" in err
 
 
+def test_penalties_and_bias_reach_the_loop(capsys, tiny_dir):
+    args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "4", "--json"]
+    code, out, _ = run_cli(capsys, *args, "--logit-bias", "42=100", "--frequency-penalty", "0.5")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["token_ids"][0] == 42  # forced, then penalised: 100 - 0.5 per repeat
+
+
 def test_logprobs_in_json_and_as_a_table(capsys, tiny_dir):
     args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "6", "--logprobs", "2"]
     code, out, _ = run_cli(capsys, *args, "--prompt-lookup", "--json")
@@ -103,6 +111,10 @@ def test_logprobs_in_json_and_as_a_table(capsys, tiny_dir):
         (["--draft-prompt-window", "0"], "prompt window"),
         (["--draft-prompt-window", "many"], "prompt window"),
         (["--logprobs", "-2"], "logprobs"),
+        (["--logit-bias", "5"], "ID=BIAS"),
+        (["--logit-bias", "x=1"], "ID=BIAS"),
+        (["--logit-bias", "99999=1"], "outside"),
+        (["--presence-penalty", "nan"], "presence_penalty"),
     ],
 )
 def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):

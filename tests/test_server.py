@@ -539,3 +539,160 @@ def test_the_stream_marks_copied_tokens_with_lookup_in_front(model_dir: Path) ->
         assert stats["free_accepted"] <= stats["accepted"]
     finally:
         engine.close()
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_a_busy_whole_response_still_notices_its_client_left() -> None:
+    """A non-streaming request whose job sends an update every round (never idle) still checks
+    on a clock that its client is there, and cancels the job when it is gone."""
+    from specdecode.server.channel import Channel
+    from specdecode.server.engine import ChoiceUpdate
+    from specdecode.server.errors import APIError
+    from specdecode.server.streaming import DISCONNECT_POLL_SECONDS, whole_response
+
+    class GoneClient:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    cancelled: list[object] = []
+
+    class Recorder:
+        def cancel(self, job: object) -> None:
+            cancelled.append(job)
+
+    async def go() -> float:
+        channel = Channel(asyncio.get_running_loop())
+        update = ChoiceUpdate(0, "x", [1], [False], [], 1.0, 1.0)
+
+        async def busy_worker() -> None:
+            while True:
+                channel.put(update)
+                await asyncio.sleep(0.01)
+
+        feeder = asyncio.create_task(busy_worker())
+        started = time.perf_counter()
+        try:
+            with pytest.raises(APIError) as caught:
+                await whole_response(GoneClient(), Recorder(), "job", channel, None)  # type: ignore[arg-type]
+        finally:
+            feeder.cancel()
+        assert caught.value.status == 499
+        return time.perf_counter() - started
+
+    took = asyncio.run(go())
+    assert took < 3 * DISCONNECT_POLL_SECONDS
+    assert cancelled == ["job"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+        ("tool_choice", "required", "tool_choice"),
+        ("functions", [{"name": "f"}], "functions"),
+        ("response_format", {"type": "json_object"}, "response_format"),
+        ("best_of", 3, "best_of"),
+    ],
+)
+def test_chat_fields_that_would_change_the_answer_are_refused(
+    app: Any, field: str, value: Any, param: str
+) -> None:
+    expect_error(post(app, "/v1/chat/completions", chat_body(**{field: value})), 400, param)
+
+
+def test_harmless_values_of_those_fields_are_accepted(app: Any) -> None:
+    body = chat_body(
+        max_tokens=2, tool_choice="none", response_format={"type": "text"}, best_of=1, tools=[]
+    )
+    assert post(app, "/v1/chat/completions", body).status_code == 200
+    named = [{"role": "user", "content": "hi", "name": "ada"}]
+    assert post(app, "/v1/chat/completions", chat_body(messages=named, max_tokens=2)).is_success
+    calls = [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]
+    expect_error(
+        post(app, "/v1/chat/completions", chat_body(messages=USER + calls)),
+        400,
+        "messages[1].tool_calls",
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), [("echo", True), ("suffix", "}"), ("best_of", 2)])
+def test_completion_fields_that_would_change_the_answer_are_refused(
+    app: Any, field: str, value: Any
+) -> None:
+    ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 3, field: value}
+    expect_error(post(app, "/v1/completions", ask), 400, field)
+    assert post(app, "/v1/completions", {**ask, field: None}).is_success
+
+
+def test_penalties_and_bias_reach_the_loop(app: Any, generator: SpeculativeGenerator) -> None:
+    fields = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {"9": 5.0}}
+    ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 12, **fields}
+    body = post(app, "/v1/completions", ask).json()
+    expected = generator.generate(
+        "def f(",
+        max_new_tokens=12,
+        temperature=0,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        logit_bias={9: 5.0},
+    )
+    assert body["choices"][0]["text"] == expected.text
+    assert expected.text != generator.generate("def f(", max_new_tokens=12, temperature=0).text
+    for bad in ({"logit_bias": {"x": 1}}, {"logit_bias": {"99999": 1}}):
+        expect_error(post(app, "/v1/completions", {**ask, **bad}), 400)
+    expect_error(post(app, "/v1/completions", {**ask, "presence_penalty": 2.5}), 422)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"seed": 2**64, "temperature": 0.8},
+        {"seed": -(2**63) - 1},
+        {"temperature": 1e-39},
+    ],
+)
+def test_extreme_numbers_are_answers_not_500s(app: Any, fields: dict[str, Any]) -> None:
+    ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 3, **fields}
+    assert post(app, "/v1/completions", ask).status_code == 200
+
+
+def test_numbers_that_cannot_work_are_clear_errors(app: Any) -> None:
+    ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 3}
+    message = expect_error(post(app, "/v1/completions", {**ask, "repetition_penalty": 1e-46}), 400)
+    assert "repetition_penalty" in message
+    infinite = '{"model": "tiny", "prompt": "a", "repetition_penalty": Infinity}'
+    response = request(
+        app,
+        "POST",
+        "/v1/completions",
+        content=infinite,
+        headers={"content-type": "application/json"},
+    )
+    expect_error(response, 422, "repetition_penalty")
+
+
+def test_lone_surrogates_and_form_bodies_are_400s_that_say_what_to_do(app: Any) -> None:
+    lone = '{"model": "tiny", "prompt": "a\\ud800b"}'
+    json_header = {"content-type": "application/json"}
+    response = request(app, "POST", "/v1/completions", content=lone, headers=json_header)
+    assert "surrogate" in expect_error(response, 400, "prompt")
+    chat = '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    response = request(app, "POST", "/v1/chat/completions", content=chat, headers=json_header)
+    assert "surrogate" in expect_error(response, 400, "messages[0].content")
+    form = request(app, "POST", "/v1/completions", content='{"model": "tiny", "prompt": "a"}')
+    assert "Content-Type: application/json" in expect_error(form, 400)
+    parts = chat_body(messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert '"text" field' in expect_error(post(app, "/v1/chat/completions", parts), 400)
+
+
+def test_a_special_token_as_stop_string_ends_the_answer(generator: SpeculativeGenerator) -> None:
+    """``stop: ["<|im_end|>"]``: the text is decoded without special tokens, so the stop becomes
+    an end-of-sequence id instead of a string that could never match."""
+    tokenizer = generator.target.tokenizer
+    special = tokenizer.eos_token  # a special token the tiny tokenizer has
+    token = tokenizer.convert_tokens_to_ids(special)
+    forced = {token: 100.0}
+    result = generator.generate(
+        "def f(", max_new_tokens=8, eos_token_id=[], logit_bias=forced, stop=[special]
+    )
+    assert result.token_ids == [token] and result.finish_reason == "eos"

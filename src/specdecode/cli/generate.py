@@ -33,6 +33,28 @@ def add_parser(sub: Any) -> None:
         "-n", "--num-samples", type=int, default=1, help="independent samples (one seed each)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    penalties = p.add_argument_group(
+        "the OpenAI API's processors (greedy decoding follows them too)"
+    )
+    penalties.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=None,
+        help="subtracted from the logit of every token already generated (0 off)",
+    )
+    penalties.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=None,
+        help="subtracted per earlier occurrence of the token in the output (0 off)",
+    )
+    penalties.add_argument(
+        "--logit-bias",
+        action="append",
+        default=None,
+        metavar="ID=BIAS",
+        help="add BIAS to token ID's logit (repeatable; -100 bans it, 100 forces it)",
+    )
     p.add_argument(
         "--logprobs",
         type=int,
@@ -43,6 +65,25 @@ def add_parser(sub: Any) -> None:
         "else as a table on standard error after the text",
     )
     p.set_defaults(run=run)
+
+
+def penalty_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    bias: dict[int, float] = {}
+    for item in args.logit_bias or ():
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise InvalidSettingsError(
+                f"--logit-bias takes ID=BIAS, e.g. --logit-bias 50256=-100, got {item!r}"
+            ) from None
+        if not sep:
+            raise InvalidSettingsError(f"--logit-bias takes ID=BIAS, got {item!r}")
+    return {
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "logit_bias": bias or None,
+    }
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -61,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise PromptError("the prompt is empty: give some text to continue")
     target = load_target(args)
     generator = SpeculativeGenerator(target, build_drafter(args, target), build_schedule(args))
-    kwargs = sampling_kwargs(args)
+    kwargs = {**sampling_kwargs(args), **penalty_kwargs(args)}
     greedy = not args.temperature
     base_seed = args.seed if args.seed is not None else _fresh_seed()
     results: list[GenerationResult] = []

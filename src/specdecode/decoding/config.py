@@ -12,7 +12,18 @@ from specdecode.sampling import SamplingSettings, resolve_sampling
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the user nor the model's generation config says
 
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SAMPLING_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    # the OpenAI API's, beyond transformers' generate
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
 
 # How sampled tokens are verified (greedy decoding ignores it); see docs/seeded-sampling.md.
 # "seeded": the output is a function of the seed alone, whatever the drafter (Gumbel matching);
@@ -100,15 +111,32 @@ def resolve_request(
 
     model_config = getattr(target.model, "generation_config", None)
     sampling = resolve_sampling(model_config, **{k: user.get(k) for k in _SAMPLING_KEYS})
+    stops, stop_ids = _special_stops(target.tokenizer, _stop_strings(user.get("stop_strings")))
     return GenerationRequest(
         sampling=sampling,
         max_new_tokens=_max_new_tokens(
             target, prompt_length, user.get("max_new_tokens"), model_config
         ),
-        eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config),
-        stop_strings=_stop_strings(user.get("stop_strings")),
+        eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config) | stop_ids,
+        stop_strings=stops,
         sampling_mode=resolve_sampling_mode(sampling_mode, seed_given=False),
     )
+
+
+def _special_stops(
+    tokenizer: Any, stops: tuple[str, ...]
+) -> tuple[tuple[str, ...], frozenset[int]]:
+    """Stop strings that are one special token (``<|im_end|>``) become end-of-sequence ids: the
+    text is decoded without special tokens, so as strings they could never match."""
+    added: dict[str, int] = getattr(tokenizer, "get_added_vocab", dict)()
+    kept, ids = [], set()
+    for stop in stops:
+        token = added.get(stop)
+        if token is not None and not tokenizer.decode([token], skip_special_tokens=True):
+            ids.add(int(token))
+        else:
+            kept.append(stop)
+    return tuple(kept), frozenset(ids)
 
 
 def _max_new_tokens(target: LoadedModel, prompt_length: int, asked: Any, model_config: Any) -> int:

@@ -164,7 +164,8 @@ class SpeculativeGenerator:
         """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
 
         Keyword arguments are transformers' names: ``max_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, and the
+        OpenAI API's ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
         ``eos_token_id``, ``stop_strings`` (or ``stop``), ``generation_config``. Unset ones come
         from the model's generation config, then transformers' defaults. ``should_stop`` is
         polled between rounds (a disconnected client, a timeout).
@@ -190,6 +191,12 @@ class SpeculativeGenerator:
         request = resolve_request(
             self.target, len(prompt_ids), sampling_mode=mode, **call.request_kwargs(len(prompt_ids))
         )
+        biased = [t for t, _ in request.sampling.logit_bias if t >= self.vocab_size]
+        if biased:
+            raise InvalidSettingsError(
+                f"logit_bias names token {biased[0]}, outside {self.target.name}'s vocabulary "
+                f"(0 to {self.vocab_size - 1})"
+            )
         if seed is None:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
@@ -452,10 +459,10 @@ class SpeculativeGenerator:
 def make_sampler(request: GenerationRequest, seed: int, prompt_length: int) -> TokenSampler:
     """The sampler for ``request``: seeded (counter-based noise) when sampling in seeded mode,
     otherwise one drawing from a ``torch.Generator`` seeded with ``seed``."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)  # any int is a seed
     if request.sampling.do_sample and request.sampling_mode == "seeded":
         return SeededSampler(request.sampling, generator, seed=seed, prompt_length=prompt_length)
-    return TokenSampler(request.sampling, generator)
+    return TokenSampler(request.sampling, generator, prompt_length)
 
 
 def _as_id_list(encoded: Any) -> list[int]:

@@ -3,7 +3,9 @@
 from specdecode.sampling.gumbel import gumbel_argmax, gumbel_noise
 from specdecode.sampling.logprobs import TokenLogprob, token_logprobs
 from specdecode.sampling.processors import (
+    apply_logit_bias,
     apply_min_p,
+    apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -21,7 +23,9 @@ __all__ = [
     "SeededSampler",
     "TokenLogprob",
     "TokenSampler",
+    "apply_logit_bias",
     "apply_min_p",
+    "apply_presence_frequency",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",

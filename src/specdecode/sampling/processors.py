@@ -35,6 +35,38 @@ def apply_repetition_penalty(
     return out
 
 
+def apply_logit_bias(scores: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add ``bias`` (pairs of token id and value, ids distinct) to those tokens' scores in every
+    row, as the OpenAI API's ``logit_bias``. Ids beyond the rows' width are skipped (a draft
+    model's smaller vocabulary; the decoding loop checks them against the target's first)."""
+    width = scores.shape[-1]
+    bias = tuple((t, v) for t, v in bias if t < width)
+    if not bias:
+        return scores
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=scores.device)
+    values = torch.tensor([v for _, v in bias], dtype=scores.dtype, device=scores.device)
+    out = scores.clone()
+    out[:, ids] += values
+    return out
+
+
+def apply_presence_frequency(
+    scores: torch.Tensor, generated_ids: list[torch.Tensor], presence: float, frequency: float
+) -> torch.Tensor:
+    """The OpenAI API's penalties: a token's score loses ``presence`` if it occurs in
+    ``generated_ids[i]`` (the tokens generated before position ``i``, prompt excluded) and
+    ``frequency`` times the number of its occurrences."""
+    if presence == 0.0 and frequency == 0.0:
+        return scores
+    out = scores.clone()
+    for row, ids in enumerate(generated_ids):
+        if ids.numel() == 0:
+            continue
+        tokens, counts = ids.to(out.device).unique(return_counts=True)
+        out[row, tokens] -= presence + frequency * counts.to(out.dtype)
+    return out
+
+
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 1.0:
         return scores
@@ -73,18 +105,30 @@ def apply_min_p(scores: torch.Tensor, min_p: float | None) -> torch.Tensor:
 
 
 def process_logits(
-    logits: torch.Tensor, seen_ids: list[torch.Tensor] | None, settings: SamplingSettings
+    logits: torch.Tensor,
+    seen_ids: list[torch.Tensor] | None,
+    settings: SamplingSettings,
+    generated_ids: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply every processor the settings ask for, in transformers' order.
+    """Apply every processor the settings ask for, in transformers' order, the OpenAI API's
+    additive ones after the repetition penalty.
 
     ``logits``: (N, V); ``seen_ids``: one 1-D tensor of preceding token ids per row, needed only
-    for a repetition penalty. Returns float32 scores (N, V).
+    for a repetition penalty; ``generated_ids``: the same without the prompt's, needed only for
+    presence and frequency penalties. Returns float32 scores (N, V).
     """
     scores = logits.float()
     if settings.repetition_penalty != 1.0:
         if seen_ids is None:
             raise ValueError("a repetition penalty needs the preceding token ids of every row")
         scores = apply_repetition_penalty(scores, seen_ids, settings.repetition_penalty)
+    scores = apply_logit_bias(scores, settings.logit_bias)
+    if settings.presence_penalty != 0.0 or settings.frequency_penalty != 0.0:
+        if generated_ids is None:
+            raise ValueError("presence and frequency penalties need the generated ids of each row")
+        scores = apply_presence_frequency(
+            scores, generated_ids, settings.presence_penalty, settings.frequency_penalty
+        )
     if not settings.do_sample:
         return scores
     scores = apply_temperature(scores, settings.temperature)

@@ -26,6 +26,7 @@ class TokenSampler:
 
     settings: SamplingSettings
     generator: torch.Generator | None = None
+    prompt_length: int = 0  # ids before the first generated one (presence/frequency count after)
 
     @property
     def greedy(self) -> bool:
@@ -35,16 +36,18 @@ class TokenSampler:
     def plain_argmax(self) -> bool:
         """Whether the choice is the argmax of the raw logits (greedy, nothing processing
         them), which the device can make without the host (``Session.greedy_extend``)."""
-        return self.greedy and self.settings.repetition_penalty == 1.0
+        return self.greedy and not self.settings.shifts_logits
 
     def scores(self, logits: torch.Tensor, ids: Sequence[int], first: int) -> torch.Tensor:
         """Processed scores (N, V) for logits (N, V) whose row i follows ``ids[: first + i]``."""
-        seen = None
+        seen = generated = None
+        rows = range(logits.shape[0])
         if self.settings.repetition_penalty != 1.0:
-            seen = [
-                torch.tensor(ids[: first + i], dtype=torch.long) for i in range(logits.shape[0])
-            ]
-        return process_logits(logits, seen, self.settings)
+            seen = [torch.tensor(ids[: first + i], dtype=torch.long) for i in rows]
+        if self.settings.presence_penalty != 0.0 or self.settings.frequency_penalty != 0.0:
+            start = min(self.prompt_length, first)
+            generated = [torch.tensor(ids[start : first + i], dtype=torch.long) for i in rows]
+        return process_logits(logits, seen, self.settings, generated)
 
     def choose(self, scores: torch.Tensor) -> Choice:
         """Pick one token from processed ``scores`` (V,)."""

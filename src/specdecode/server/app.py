@@ -134,6 +134,14 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type and _body_not_parsed(exc):
+            message = (
+                f"the body was sent as {content_type or 'no content type'}: send it as JSON with "
+                "the header Content-Type: application/json (curl: -H 'Content-Type: "
+                "application/json')"
+            )
+            return APIError(message, 400, code="invalid_content_type").response()
         return validation_api_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -160,6 +168,11 @@ def validation_api_error(exc: RequestValidationError) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return APIError(message, 422, param=param, code="invalid_value")
+
+
+def _body_not_parsed(exc: RequestValidationError) -> bool:
+    """Whether the body as a whole failed (FastAPI reads only JSON bodies as objects)."""
+    return any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors())
 
 
 def _slug(text: str) -> str:

@@ -48,6 +48,9 @@ class GenerationOptions:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     # a client's seed asks for reproducible text: the seeded mode makes it independent of the
     # server's drafter; without one, the rejection rule accepts more drafts
@@ -65,6 +68,9 @@ class GenerationOptions:
             "top_k": self.top_k,
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias or None,
             "stop_strings": list(self.stop),
         }
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from specdecode.decoding import SpeculativeGenerator, resolve_request, sample_seed
 from specdecode.errors import InvalidSettingsError, PromptError
+from specdecode.sampling.settings import as_logit_bias
 from specdecode.server.engine import ChoiceSpec, GenerationOptions, JobSpec
 from specdecode.server.errors import bad_request, model_not_found
 from specdecode.server.logprobs import TokenTexts
@@ -43,6 +44,7 @@ class RequestPlanner:
 
     def chat(self, body: ChatCompletionRequest) -> JobSpec:
         self.check_model(body.model)
+        refuse_unsupported(body)
         with self._lock:
             ids = self._template(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -55,6 +57,7 @@ class RequestPlanner:
 
     def completion(self, body: CompletionRequest) -> JobSpec:
         self.check_model(body.model)
+        refuse_unsupported(body)
         with self._lock:
             prompts = self._prompts(body.prompt)
         return self._plan(body, prompts, body.max_tokens, param="prompt", logprobs=body.logprobs)
@@ -72,14 +75,21 @@ class RequestPlanner:
                 "prompt written in the model's own format",
                 param="messages",
             )
-        plain = [{"role": m.role, "content": _content(m, i)} for i, m in enumerate(messages)]
+        plain = []
+        for i, message in enumerate(messages):
+            if message.tool_calls:
+                raise bad_request(_NO_TOOLS, f"messages[{i}].tool_calls")
+            entry = {"role": message.role, "content": _content(message, i)}
+            if message.name is not None:
+                entry["name"] = _text(message.name, f"messages[{i}].name")
+            plain.append(entry)
         try:
             encoded = self.tokenizer.apply_chat_template(
                 plain, add_generation_prompt=True, tokenize=True, return_dict=True
             )
         except Exception as exc:  # jinja's TemplateError and whatever a template raises
-            message = f"the chat template refused these messages: {exc}"
-            raise bad_request(message, "messages") from exc
+            refused = f"the chat template refused these messages: {exc}"
+            raise bad_request(refused, "messages") from exc
         return [int(i) for i in encoded["input_ids"]]
 
     def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -91,10 +101,14 @@ class RequestPlanner:
         texts_or_ids: list[str] | list[list[int]] = prompt  # type: ignore[assignment]
         if any(p == "" for p in texts_or_ids):
             raise bad_request("the prompt is empty: give some text to continue", "prompt")
-        return [
-            list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p)
-            for p in texts_or_ids
-        ]
+        return [self._encode(p) if isinstance(p, str) else list(p) for p in texts_or_ids]
+
+    def _encode(self, text: str) -> list[int]:
+        text = _text(text, "prompt")
+        try:
+            return list(self.tokenizer(text)["input_ids"])
+        except Exception as exc:  # whatever the tokenizer refuses is the prompt's fault
+            raise bad_request(f"the tokenizer refused the prompt: {exc}", "prompt") from exc
 
     def _check_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -143,6 +157,13 @@ class RequestPlanner:
         self, body: GenerationFields, max_tokens: int | None, logprobs: int | None
     ) -> GenerationOptions:
         stop = body.stop
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        for i, s in enumerate(stops):
+            _text(s, f"stop[{i}]")
+        try:
+            logit_bias = as_logit_bias(body.logit_bias)
+        except InvalidSettingsError as exc:
+            raise bad_request(str(exc), "logit_bias") from exc
         return GenerationOptions(
             temperature=(
                 self.settings.default_temperature if body.temperature is None else body.temperature
@@ -152,7 +173,10 @@ class RequestPlanner:
             top_k=body.top_k,
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=logit_bias,
+            stop=stops,
             seeded=body.seed is not None,
             logprobs=logprobs,
         )
@@ -167,15 +191,68 @@ class RequestPlanner:
             raise bad_request(str(exc)) from exc
 
 
+_NO_TOOLS = (
+    "function calling (tools, tool_calls, functions) is not supported by this server: it "
+    "generates text only; describe the tools in a message and parse the answer yourself"
+)
+
+
+def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 for each OpenAI field this server knows but cannot honour, when the request sets
+    it to anything that would change the answer: ignoring it would answer another question."""
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request(
+            "best_of is not supported: ask for n choices and pick among them", "best_of"
+        )
+    kind = (body.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise bad_request(
+            f"response_format {kind!r} is not supported: this server does not constrain the "
+            "output to JSON; drop response_format and ask for JSON in the prompt",
+            "response_format",
+        )
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools or body.functions:
+            raise bad_request(_NO_TOOLS, "tools" if body.tools else "functions")
+        for name in ("tool_choice", "function_call"):
+            if getattr(body, name) not in (None, "none", "auto"):
+                raise bad_request(_NO_TOOLS, name)
+        return
+    if body.echo:
+        raise bad_request(
+            "echo is not supported: the answer holds the completion only; prepend the prompt "
+            "yourself",
+            "echo",
+        )
+    if body.suffix:
+        raise bad_request("suffix (insertion) is not supported by this server", "suffix")
+
+
+def _text(value: str, param: str) -> str:
+    """``value``, unless it cannot be encoded (a lone UTF-16 surrogate such as ``\\ud800``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"{param} holds a lone UTF-16 surrogate ({value[exc.start : exc.end]!a}), which is "
+            "not a character: send valid Unicode",
+            param,
+        ) from exc
+    return value
+
+
 def _content(message: ChatMessage, index: int) -> str:
+    param = f"messages[{index}].content"
     if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+        return _text(message.content or "", param)
     texts = []
     for part in message.content:
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise bad_request(
                 f"content parts of type {part.type!r} are not supported: this server takes text",
-                f"messages[{index}].content",
+                param,
             )
-        texts.append(part.text)
+        if part.text is None:
+            raise bad_request('a content part of type "text" needs a "text" field', param)
+        texts.append(_text(part.text, param))
     return "".join(texts)

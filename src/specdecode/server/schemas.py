@@ -9,7 +9,7 @@ tokens of the chunk with, per token, whether it came from the draft.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -18,7 +18,7 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI: 20 for chat, 5 for text
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -36,6 +36,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # refused when not empty: no function calling here
 
 
 class GenerationFields(_Request):
@@ -48,11 +49,19 @@ class GenerationFields(_Request):
     top_k: Annotated[int, Field(ge=0)] | None = None  # not in the OpenAI API; 0 disables
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None  # not in the OpenAI API
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # not in the OpenAI API
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    # token id (a string of digits, as JSON keys are) -> added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Known and refused when set to anything that would change the answer (planning.py):
+    # silently ignoring them would give a client an answer to another question.
+    best_of: int | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -64,6 +73,10 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # wins over max_tokens
     logprobs: bool | None = None  # each token's log-probability in ``choices[i].logprobs``
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # needs logprobs
+    tools: list[Any] | None = None  # refused when not empty, as are the ones below
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(GenerationFields):
@@ -71,6 +84,8 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # each token's log-probability and this many alternatives (0: the chosen token's alone)
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool | None = None  # refused when true, as is a suffix
+    suffix: str | None = None
 
 
 # ----------------------------------------------------------------------------- responses

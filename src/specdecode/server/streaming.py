@@ -83,13 +83,19 @@ async def whole_response(
     request: Request, engine: Engine, job: Job, channel: Channel, fmt: ResponseFormat
 ) -> Response:
     results: dict[int, GenerationResult] = {}
+    clock = asyncio.get_running_loop().time
+    next_check = clock() + DISCONNECT_POLL_SECONDS
     try:
         while True:
             update = await channel.get(DISCONNECT_POLL_SECONDS)
-            if update is None:
+            # on a clock, not only when idle: a generating job sends updates every round
+            if clock() >= next_check:
+                next_check = clock() + DISCONNECT_POLL_SECONDS
                 if await request.is_disconnected():
                     raise client_closed()
-            elif isinstance(update, JobEnd):
+            if update is None:
+                continue
+            if isinstance(update, JobEnd):
                 if update.error is not None:
                     raise update.error
                 return JSONResponse(fmt.response(results).model_dump())
