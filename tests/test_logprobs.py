@@ -120,6 +120,26 @@ def test_logprobs_cut_with_the_tokens_at_a_stop(tiny) -> None:
     assert cut.token_ids == full.token_ids[:5]
 
 
+@pytest.mark.parametrize("kind", ["plain", "draft"])
+def test_prompt_logprobs_score_every_prompt_token(tiny, kind: str) -> None:
+    target = tiny("qwen2")
+    gen = SpeculativeGenerator(target, _drafter(tiny, "qwen2", kind), draft_length=4)
+    ids = target.tokenizer(PROMPT)["input_ids"]
+    events = list(gen.stream(ids, max_new_tokens=6, do_sample=False, prompt_logprobs=2))
+    result = events[-1].result  # type: ignore[union-attr]
+    assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == len(ids) - 1
+    assert events[0].prompt_logprobs == result.prompt_logprobs  # type: ignore[union-attr]
+    assert all(e.prompt_logprobs is None for e in events[1:-1])  # type: ignore[union-attr]
+    with torch.no_grad():
+        logp = torch.log_softmax(target.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [float(logp[i, t]) for i, t in enumerate(ids[1:])]
+    assert [lp.logprob for lp in result.prompt_logprobs] == pytest.approx(expected, abs=1e-4)
+    assert all(len(lp.top) == 2 for lp in result.prompt_logprobs)
+    unscored = gen.generate(ids, max_new_tokens=6, do_sample=False)
+    assert result.token_ids == unscored.token_ids and unscored.prompt_logprobs is None
+    assert "prompt_logprobs" in result.to_dict() and result.logprobs is None
+
+
 def test_off_by_default_and_bad_values_refused(tiny) -> None:
     gen = SpeculativeGenerator(tiny("qwen2"))
     result = gen.generate(PROMPT, max_new_tokens=4, do_sample=False)
@@ -127,6 +147,8 @@ def test_off_by_default_and_bad_values_refused(tiny) -> None:
     for bad in (-1, 1.5, True, "3", 10**9):
         with pytest.raises(InvalidSettingsError, match="logprobs"):
             gen.generate(PROMPT, max_new_tokens=4, logprobs=bad)
+        with pytest.raises(InvalidSettingsError, match="prompt_logprobs"):
+            gen.generate(PROMPT, max_new_tokens=4, prompt_logprobs=bad)
 
 
 def test_device_bursts_step_aside_for_logprobs(tiny) -> None:

@@ -156,3 +156,51 @@ def test_tokenizers_that_are_not_byte_level_decode_each_token() -> None:
     assert not texts.byte_level
     assert texts.show(1) == ("é", (0xC3, 0xA9))
     assert texts.show(2) == ("ab", (97, 98))
+
+
+def test_echo_puts_the_prompt_before_the_answer(app: Any, generator: SpeculativeGenerator) -> None:
+    ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "echo": True}
+    body = post(app, "/v1/completions", ask).json()
+    expected = generator.generate(PROMPT, max_new_tokens=6, temperature=0)
+    assert body["choices"][0]["text"] == PROMPT + expected.text
+    assert body["choices"][0]["logprobs"] is None
+    ids = post(app, "/v1/completions", {**ask, "prompt": expected.prompt_ids}).json()
+    tokenizer = generator.target.tokenizer
+    assert ids["choices"][0]["text"] == tokenizer.decode(expected.prompt_ids) + expected.text
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(
+    app: Any, generator: SpeculativeGenerator
+) -> None:
+    """What evaluation harnesses send to score a text (lm-eval's loglikelihood requests)."""
+    ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1}
+    body = post(app, "/v1/completions", ask).json()
+    # (the client's types want a number for the prompt's first token, which has none: the
+    # OpenAI API and vLLM give null there, and the client does not validate answers)
+    logprobs = openai.types.completion_choice.Logprobs.model_construct(
+        **body["choices"][0]["logprobs"]
+    )
+    assert logprobs.token_logprobs is not None and logprobs.text_offset is not None
+    assert logprobs.tokens is not None and logprobs.top_logprobs is not None
+    ids = generator.target.tokenizer(PROMPT)["input_ids"]
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt's tokens, then the answer
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        logits = generator.target.model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    prompt_values = [float(expected[i, t]) for i, t in enumerate(ids[1:])]
+    assert logprobs.token_logprobs[1 : len(ids)] == pytest.approx(prompt_values, abs=1e-4)
+    texts = TokenTexts(generator.target.tokenizer)
+    assert logprobs.tokens[: len(ids)] == [texts.text(t) for t in ids]
+    assert logprobs.text_offset[0] == 0
+
+    chunks = sse(post(app, "/v1/completions", {**ask, "max_tokens": 4, "stream": True}))
+    whole = post(app, "/v1/completions", {**ask, "max_tokens": 4}).json()["choices"][0]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    streamed: list[Any] = []
+    for chunk in chunks:
+        part = chunk["choices"][0]["logprobs"]
+        streamed.extend(part["token_logprobs"] if part else [])
+    assert streamed[0] is None and streamed[1:] == pytest.approx(
+        whole["logprobs"]["token_logprobs"][1:]
+    )

@@ -51,8 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=list(KERNEL_CHOICES),
         help="linear-layer kernels on the CPU: auto (default) = oneDNN on weights packed once, "
-        "for float32/bfloat16 models, where a verification pass of up to 16 tokens costs about "
-        "one plain step (torch's default costs about two); torch = torch's defaults",
+        "for float32/bfloat16 models, where a verification pass of up to 6 tokens costs about "
+        "one plain step (8-16: 1.2-1.5; torch's default costs about two); torch = torch's "
+        "defaults",
     )
     group.add_argument(
         "--kv-cache",
@@ -128,7 +129,8 @@ def add_drafter_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="draft model: read only the last N prompt tokens (and all generated ones), so its "
         "prefill of a long prompt costs less; lossless, changes acceptance only. Measured: "
-        "1.02-1.21x on RAG prompts with short answers, 0.66-0.93x on summarization (docs/speed.md)",
+        "1.08-1.11x with N=256 on RAG prompts with short answers (1.02-1.21x with N=128-256), "
+        "0.66-0.93x on summarization (docs/speed.md)",
     )
     group.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest n-gram")
     group.add_argument(

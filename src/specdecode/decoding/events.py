@@ -117,6 +117,9 @@ class RoundEvent:
     copied: bool = False  # the drafted tokens were copied from the context by prompt lookup
     # per token of ``token_ids`` when the call asked for ``logprobs`` (else None)
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # the prefill's event, when the call asked for ``prompt_logprobs``: per prompt token after
+    # the first (the first has no preceding context to be predicted from)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class GenerationResult:
     settings: dict[str, Any] = field(default_factory=dict)
     # per token of ``token_ids`` when the call asked for ``logprobs`` (else None)
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # per prompt token after the first, when the call asked for ``prompt_logprobs``
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -143,6 +148,8 @@ class GenerationResult:
         }
         if self.logprobs is not None:
             out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [lp.to_dict() for lp in self.prompt_logprobs]
         return out
 
 

@@ -9,6 +9,7 @@ own; rejected positions are rolled out of the target's KV cache. The loop yields
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -159,6 +160,7 @@ class SpeculativeGenerator:
         should_stop: Callable[[], bool] | None = None,
         sampling_mode: str | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         **generation_kwargs: Any,
     ) -> Iterator[GenerationEvent]:
         """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
@@ -182,9 +184,13 @@ class SpeculativeGenerator:
         ``logprobs``: give each new token's log-probability under the target's raw distribution
         (before any penalty, temperature or truncation) and this many most likely alternatives
         (0: the chosen token's alone), in ``RoundEvent.logprobs`` and ``GenerationResult.logprobs``.
-        Read from the passes that chose the tokens: no extra pass.
+        Read from the passes that chose the tokens: no extra pass. ``prompt_logprobs``: the same
+        for the prompt's tokens (each after the first, given those before it), in the first
+        ``RoundEvent`` and ``GenerationResult.prompt_logprobs``: the prefill then computes the
+        output head at every prompt position (memory: prompt length x vocabulary floats).
         """
         top_logprobs = self._check_logprobs(logprobs)
+        top_prompt = self._check_logprobs(prompt_logprobs, "prompt_logprobs")
         call = split_call(prompt, generation_kwargs)
         prompt_ids = self.encode(call.prompt, chat=chat)
         mode = resolve_sampling_mode(sampling_mode, seed_given=seed is not None)
@@ -201,19 +207,21 @@ class SpeculativeGenerator:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
         runner = self._for_call(call.drafting)
-        yield from runner._decode(prompt_ids, request, sampler, seed, should_stop, top_logprobs)
+        yield from runner._decode(
+            prompt_ids, request, sampler, seed, should_stop, top_logprobs, top_prompt
+        )
 
-    def _check_logprobs(self, logprobs: Any) -> int | None:
+    def _check_logprobs(self, logprobs: Any, name: str = "logprobs") -> int | None:
         if logprobs is None:
             return None
         if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
             raise InvalidSettingsError(
-                f"logprobs must be a whole number of alternatives to give per token (0: the "
+                f"{name} must be a whole number of alternatives to give per token (0: the "
                 f"chosen token's log-probability alone), got {logprobs!r}"
             )
         if logprobs > self.vocab_size:
             raise InvalidSettingsError(
-                f"logprobs asks for {logprobs} alternatives but the vocabulary has "
+                f"{name} asks for {logprobs} alternatives but the vocabulary has "
                 f"{self.vocab_size} tokens"
             )
         return logprobs
@@ -236,6 +244,7 @@ class SpeculativeGenerator:
         seed: int,
         should_stop: Callable[[], bool] | None,
         top_logprobs: int | None = None,
+        top_prompt: int | None = None,
     ) -> Iterator[GenerationEvent]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         text = TextStream(self.target.tokenizer, request.stop_strings)
@@ -254,7 +263,13 @@ class SpeculativeGenerator:
         start = time.perf_counter()
 
         # Prefill: the prompt in one pass gives the first token.
-        logits = self.session.forward(ids, 1)
+        prompt_lps: tuple[TokenLogprob, ...] | None = None
+        if top_prompt is None:
+            logits = self.session.forward(ids, 1)
+        else:  # every position's logits: each prompt token's log-probability too
+            every = self.session.forward(ids, len(ids))
+            prompt_lps = tuple(token_logprobs(every, ids[1:], top_prompt))
+            logits = every[-1:]
         first = sampler.choose(sampler.scores(logits, ids, len(ids))[0])
         round_logprobs = self._logprobs(logits, [first.token], top_logprobs)
         synchronize(self.session.device)
@@ -276,6 +291,8 @@ class SpeculativeGenerator:
             event, finish = self._accept(
                 proposal, verdict, draft, target_seconds, new, text, request, round_logprobs
             )
+            if prompt_lps is not None and stats.rounds == 0:  # the prefill's event
+                event = dataclasses.replace(event, prompt_logprobs=prompt_lps)
             if all_logprobs is not None and event.logprobs is not None:
                 all_logprobs.extend(event.logprobs)
             ids.extend(event.token_ids)
@@ -321,6 +338,7 @@ class SpeculativeGenerator:
             seed=seed if sampler.settings.do_sample else None,
             settings=request.describe(),
             logprobs=None if all_logprobs is None else tuple(all_logprobs),
+            prompt_logprobs=prompt_lps,
         )
         yield FinishEvent(result=result, text=tail)
 

@@ -56,11 +56,13 @@ class GenerationOptions:
     # server's drafter; without one, the rejection rule accepts more drafts
     seeded: bool = False
     logprobs: int | None = None  # alternatives per token (0: the chosen token's alone; None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
 
     def loop_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`SpeculativeGenerator.stream`."""
         return {
             "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
             "sampling_mode": "seeded" if self.seeded else "rejection",
             "temperature": self.temperature,
             "max_new_tokens": self.max_new_tokens,
@@ -89,6 +91,7 @@ class JobSpec:
     choices: tuple[ChoiceSpec, ...]
     options: GenerationOptions
     prompt_tokens: int  # of the request's distinct prompts, as ``usage`` counts them
+    echo: tuple[str, ...] = ()  # per choice, its prompt's text to put before the answer (echo)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class ChoiceUpdate:
     tokens_per_second: float  # running rate of the choice
     result: GenerationResult | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # per token of ``token_ids``, when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the first round's, when asked
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class _Progress:
             tau=self.tokens / self.passes,
             tokens_per_second=self.tokens / elapsed,
             logprobs=event.logprobs,
+            prompt_logprobs=event.prompt_logprobs,
         )
 
     def finish(self, event: FinishEvent) -> ChoiceUpdate:

@@ -203,24 +203,41 @@ class CompletionFormat(ResponseFormat):
     def __init__(self, model: str, spec: JobSpec, texts: TokenTexts | None = None) -> None:
         super().__init__(model, spec, texts)
         self._offsets: dict[int, int] = {}  # per streamed choice: where its next token starts
+        self._echoed: set[int] = set()  # streamed choices whose prompt went out (echo)
 
     def _logprobs(
-        self, logprobs: Sequence[TokenLogprob] | None, index: int
+        self,
+        logprobs: Sequence[TokenLogprob] | None,
+        index: int,
+        prompt: Sequence[TokenLogprob] | None = None,
     ) -> CompletionLogprobs | None:
+        """The choice's entries; with ``prompt`` (echo), its prompt's come first."""
         if logprobs is None:
             return None
-        out = completion_logprobs(self._texts(), logprobs, self._offsets.get(index, 0))
+        first = None if prompt is None else self.spec.choices[index].prompt_ids[0]
+        offset = self._offsets.get(index, 0)
+        out = completion_logprobs(self._texts(), logprobs, offset, first, prompt or ())
         if out.tokens:
             self._offsets[index] = out.text_offset[-1] + len(out.tokens[-1])
         return out
 
+    def _echo(self, index: int) -> str:
+        return self.spec.echo[index] if self.spec.echo else ""
+
     def chunk(self, update: ChoiceUpdate) -> BaseModel:
         finish = None if update.result is None else finish_reason(update.result)
+        text, logprobs, prompt = update.text, update.logprobs or None, None
+        if self.spec.echo and update.index not in self._echoed:  # the choice's first chunk
+            self._echoed.add(update.index)
+            text = self._echo(update.index) + text
+            prompt = update.prompt_logprobs
+            if prompt is not None:
+                logprobs = logprobs or ()
         choice = CompletionChoice(
             index=update.index,
-            text=update.text,
+            text=text,
             finish_reason=finish,
-            logprobs=self._logprobs(update.logprobs or None, update.index),
+            logprobs=self._logprobs(logprobs, update.index, prompt),
         )
         return Completion(
             id=self.id, model=self.model, choices=[choice], specdecode=self.chunk_extension(update)
@@ -230,9 +247,11 @@ class CompletionFormat(ResponseFormat):
         choices = [
             CompletionChoice(
                 index=i,
-                text=results[i].text,
+                text=self._echo(i) + results[i].text,
                 finish_reason=finish_reason(results[i]),
-                logprobs=self._logprobs(results[i].logprobs, i),
+                logprobs=self._logprobs(
+                    results[i].logprobs, i, results[i].prompt_logprobs if self.spec.echo else None
+                ),
             )
             for i in sorted(results)
         ]

@@ -78,13 +78,29 @@ def chat_logprobs(texts: TokenTexts, logprobs: Sequence[TokenLogprob]) -> ChatLo
 
 
 def completion_logprobs(
-    texts: TokenTexts, logprobs: Sequence[TokenLogprob], offset: int
+    texts: TokenTexts,
+    logprobs: Sequence[TokenLogprob],
+    offset: int,
+    prompt_first: int | None = None,
+    prompt_logprobs: Sequence[TokenLogprob] = (),
 ) -> CompletionLogprobs:
     """``choices[i].logprobs`` of a text completion (or of one stream chunk) whose first token
     starts at character ``offset`` of the text. ``top_logprobs`` holds the alternatives asked for
-    and the chosen token, as the OpenAI API gives them (up to N + 1 entries)."""
-    tokens, values, tops, offsets = [], [], [], []
-    for lp in logprobs:
+    and the chosen token, as the OpenAI API gives them (up to N + 1 entries). With ``echo``, the
+    prompt's tokens come first: ``prompt_first`` (its first token, which has no value: None) and
+    ``prompt_logprobs`` (the rest)."""
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    if prompt_first is not None:
+        first = texts.text(prompt_first)
+        tokens.append(first)
+        values.append(None)
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(first)
+    for lp in (*prompt_logprobs, *logprobs):
         text = texts.text(lp.token_id)
         tokens.append(text)
         values.append(lp.logprob)

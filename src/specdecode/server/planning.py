@@ -7,6 +7,7 @@ a message the chat template refuses, sampling values that contradict each other 
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from collections.abc import Sequence
@@ -60,7 +61,21 @@ class RequestPlanner:
         refuse_unsupported(body)
         with self._lock:
             prompts = self._prompts(body.prompt)
-        return self._plan(body, prompts, body.max_tokens, param="prompt", logprobs=body.logprobs)
+        spec = self._plan(body, prompts, body.max_tokens, param="prompt", logprobs=body.logprobs)
+        if not body.echo:
+            return spec
+        with self._lock:
+            texts = self._echo_texts(body.prompt, prompts)
+        per_choice = tuple(texts[c.index // body.n] for c in spec.choices)
+        return dataclasses.replace(spec, echo=per_choice)
+
+    def _echo_texts(self, prompt: Any, prompts: list[list[int]]) -> list[str]:
+        """Each prompt as the answer repeats it (echo): as sent, or decoded when sent as ids."""
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], str):
+            return list(prompt)
+        return [str(self.tokenizer.decode(ids)) for ids in prompts]
 
     # ----------------------------------------------------------------------------- prompts
     def check_model(self, name: str) -> None:
@@ -179,12 +194,14 @@ class RequestPlanner:
             stop=stops,
             seeded=body.seed is not None,
             logprobs=logprobs,
+            prompt_logprobs=logprobs if getattr(body, "echo", False) else None,
         )
 
     def _check_options(self, options: GenerationOptions, prompt_length: int) -> None:
         """Resolve the options as the loop will, so that bad values fail now with a 400."""
         kwargs: dict[str, Any] = options.loop_kwargs()
-        kwargs.pop("logprobs")  # an output option, checked by the schema
+        kwargs.pop("logprobs")  # output options, checked by the schema
+        kwargs.pop("prompt_logprobs")
         try:
             resolve_request(self.generator.target, prompt_length, **kwargs)
         except InvalidSettingsError as exc:
@@ -218,12 +235,6 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
             if getattr(body, name) not in (None, "none", "auto"):
                 raise bad_request(_NO_TOOLS, name)
         return
-    if body.echo:
-        raise bad_request(
-            "echo is not supported: the answer holds the completion only; prepend the prompt "
-            "yourself",
-            "echo",
-        )
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
 

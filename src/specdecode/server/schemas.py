@@ -84,8 +84,8 @@ class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # each token's log-probability and this many alternatives (0: the chosen token's alone)
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    echo: bool | None = None  # refused when true, as is a suffix
-    suffix: str | None = None
+    echo: bool | None = None  # the prompt before the answer (with logprobs: the prompt's too)
+    suffix: str | None = None  # refused when set
 
 
 # ----------------------------------------------------------------------------- responses
@@ -162,8 +162,8 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # the alternatives asked for, and the chosen token
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]  # the alternatives asked for, and the chosen token
     text_offset: list[int]  # where each token starts in ``text``
 
 
