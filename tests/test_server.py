@@ -639,7 +639,10 @@ def test_penalties_and_bias_reach_the_loop(app: Any, generator: SpeculativeGener
     assert body["choices"][0]["text"] == expected.text
     assert expected.text != generator.generate("def f(", max_new_tokens=12, temperature=0).text
     for bad in ({"logit_bias": {"x": 1}}, {"logit_bias": {"99999": 1}}):
-        expect_error(post(app, "/v1/completions", {**ask, **bad}), 400)
+        expect_error(post(app, "/v1/completions", {**ask, **bad}), 400, "logit_bias")
+    streamed = {**ask, "logit_bias": {"99999": 1}, "stream": True}
+    message = expect_error(post(app, "/v1/completions", streamed), 400, "logit_bias")  # not 200
+    assert "outside the vocabulary" in message and "/" not in message  # no path on disk
     expect_error(post(app, "/v1/completions", {**ask, "presence_penalty": 2.5}), 422)
 
 

@@ -15,7 +15,7 @@ from specdecode.decoding import SpeculativeGenerator
 from specdecode.drafters import ModelDrafter
 from specdecode.models import load_model
 from specdecode.server import Engine, ServerSettings, create_app
-from specdecode.server.logprobs import TokenTexts
+from specdecode.server.logprobs import TextOffsets, TokenTexts
 from specdecode.testing import tiny_tokenizer
 
 from .test_server import MODEL, USER, chat_body, chat_ids, expect_error, post, sse, tiny_models
@@ -105,10 +105,9 @@ def test_completion_logprobs_whole_and_streamed(app: Any, generator: Speculative
     assert logprobs.tokens == [texts.text(lp.token_id) for lp in expected.logprobs]
     if "\ufffd" not in expected.text:  # a random model's bytes need not be whole characters
         assert "".join(logprobs.tokens) == expected.text
-    offsets = [0]
-    for token in logprobs.tokens[:-1]:
-        offsets.append(offsets[-1] + len(token))
-    assert logprobs.text_offset == offsets
+    # where each token's text starts in the answer's text, as decoded
+    ids = expected.token_ids
+    assert logprobs.text_offset == [len(_decoded(generator, ids[:j])) for j in range(len(ids))]
     for token, top in zip(logprobs.tokens, logprobs.top_logprobs or [], strict=True):
         assert token in top and 2 <= len(top) <= 3  # the alternatives and the chosen token
 
@@ -132,6 +131,55 @@ def test_several_choices_each_get_their_own(app: Any) -> None:
     for choice in body["choices"]:
         assert len(choice["logprobs"]["tokens"]) >= 1
         assert choice["logprobs"]["text_offset"][0] == 0
+
+
+def _decoded(generator: SpeculativeGenerator, ids: list[int]) -> str:
+    tokenizer = generator.target.tokenizer
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def test_text_offsets_of_long_texts_match_decoding_every_prefix() -> None:
+    """The windowed offsets (an anchor every 256 tokens) equal the slow definition."""
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("naïve 中文 “quotes” and some words, " * 40)["input_ids"]
+    assert len(ids) > 2 * TextOffsets.ANCHOR_EVERY
+    offsets = TextOffsets(tokenizer, start=5)
+    got = offsets.push(ids[:100]) + offsets.push(ids[100:])  # in chunks, as streamed
+
+    def length(prefix: list[int]) -> int:
+        return len(tokenizer.decode(prefix, skip_special_tokens=True))
+
+    assert got == [5 + length(ids[:j]) for j in range(len(ids))]
+
+
+def test_token_bytes_are_exact_for_sentencepiece_style_tokenizers() -> None:
+    """Llama 2 / Mistral pieces: "▁" is a space, "<0xNN>" one byte of a character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    backend.train_from_iterator(["hello world the lazy dog"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    texts = TokenTexts(tokenizer)
+    assert texts.metaspace and not texts.byte_level
+    ids = tokenizer("hello 中 world")["input_ids"]
+    shown = [texts.show(i) for i in ids]
+    assert shown[0][0] == " hello"  # the space the piece stands for
+    assert b"".join(bytes(raw) for _, raw in shown).decode("utf-8") == " hello 中 world"
+    assert [t for t, _ in shown[2:5]] == ["\\xe4", "\\xb8", "\\xad"]  # one byte each
 
 
 def test_token_bytes_are_exact_for_byte_level_tokenizers() -> None:

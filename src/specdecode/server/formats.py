@@ -11,7 +11,12 @@ from pydantic import BaseModel
 from specdecode.decoding import GenerationResult, GenerationStats
 from specdecode.sampling import TokenLogprob
 from specdecode.server.engine import ChoiceUpdate, JobSpec
-from specdecode.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from specdecode.server.logprobs import (
+    TextOffsets,
+    TokenTexts,
+    chat_logprobs,
+    completion_logprobs,
+)
 from specdecode.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -202,7 +207,7 @@ class CompletionFormat(ResponseFormat):
 
     def __init__(self, model: str, spec: JobSpec, texts: TokenTexts | None = None) -> None:
         super().__init__(model, spec, texts)
-        self._offsets: dict[int, int] = {}  # per streamed choice: where its next token starts
+        self._offsets: dict[int, TextOffsets] = {}  # per choice: where its tokens start
         self._echoed: set[int] = set()  # streamed choices whose prompt went out (echo)
 
     def _logprobs(
@@ -215,11 +220,11 @@ class CompletionFormat(ResponseFormat):
         if logprobs is None:
             return None
         first = None if prompt is None else self.spec.choices[index].prompt_ids[0]
-        offset = self._offsets.get(index, 0)
-        out = completion_logprobs(self._texts(), logprobs, offset, first, prompt or ())
-        if out.tokens:
-            self._offsets[index] = out.text_offset[-1] + len(out.tokens[-1])
-        return out
+        texts = self._texts()
+        if index not in self._offsets:
+            start = len(self._echo(index))
+            self._offsets[index] = TextOffsets(texts.tokenizer, start)
+        return completion_logprobs(texts, logprobs, self._offsets[index], first, prompt or ())
 
     def _echo(self, index: int) -> str:
         return self.spec.echo[index] if self.spec.echo else ""

@@ -1,13 +1,17 @@
 """Token log-probabilities in the OpenAI API's two shapes (chat's and text completions').
 
 A token is shown as its text and its exact bytes. Byte-level BPE tokenizers (GPT-2, Qwen, Llama 3)
-map each byte to one printable character, so a token's bytes are read back exactly, also for a
-token holding part of a multi-byte character (its text then spells the missing bytes as ``\\xNN``,
-as the OpenAI API does); other tokenizers give the token's decoded text and its UTF-8 bytes.
+map each byte to one printable character, and SentencePiece-style ones (Llama 2, Mistral, Gemma)
+write a space as ``▁`` and an unmapped byte as ``<0xNN>``, so a token's bytes are read back
+exactly, also for a token holding part of a multi-byte character (its text then spells the
+missing bytes as ``\\xNN``, as the OpenAI API does); other tokenizers give the token's decoded
+text and its UTF-8 bytes. ``text_offset`` is where each token's contribution starts in the
+answer's text, counted on the decoded text (:class:`TextOffsets`), not on the tokens' shown texts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -37,6 +41,7 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 BYTE_OF_CHAR = _byte_alphabet()
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 class TokenTexts:
@@ -47,19 +52,78 @@ class TokenTexts:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = getattr(backend, "decoder", None)
         self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self.metaspace = not self.byte_level and (
+            "▁" in repr(decoder) or "Metaspace" in repr(decoder)
+        )
+        self._added = (
+            set(getattr(tokenizer, "get_added_vocab", dict)()) if self.metaspace else set()
+        )
         self.show = lru_cache(maxsize=65536)(self._show)
 
-    def _show(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+    def _raw(self, token_id: int) -> bytes | None:
+        """The token's exact bytes, where the tokenizer's pieces say them."""
+        if not (self.byte_level or self.metaspace):
+            return None
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return None
         if self.byte_level:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if isinstance(piece, str) and all(c in BYTE_OF_CHAR for c in piece):
-                raw = bytes(BYTE_OF_CHAR[c] for c in piece)
-                return raw.decode("utf-8", errors="backslashreplace"), tuple(raw)
+            if all(c in BYTE_OF_CHAR for c in piece):
+                return bytes(BYTE_OF_CHAR[c] for c in piece)
+            return None
+        byte = BYTE_PIECE.fullmatch(piece)
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        if piece in self._added:
+            return piece.encode("utf-8")  # an added token (``<s>``) as written
+        return piece.replace("▁", " ").encode("utf-8")
+
+    def _show(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        raw = self._raw(token_id)
+        if raw is not None:
+            return raw.decode("utf-8", errors="backslashreplace"), tuple(raw)
         text = self.tokenizer.decode([token_id])
         return text, tuple(text.encode("utf-8"))
 
     def text(self, token_id: int) -> str:
         return self.show(token_id)[0]
+
+
+class TextOffsets:
+    """Where each token's contribution starts in the text of the ids so far: the length of the
+    text of the ids before it, decoded as the answer's text is (special tokens skipped).
+
+    Each token decodes a short window, from an anchor (re-measured in full every
+    ``ANCHOR_EVERY`` tokens) with a few tokens of context before it, so that long prompts
+    (echo) cost linear time, not quadratic."""
+
+    ANCHOR_EVERY = 256
+    CONTEXT = 8  # tokens before the anchor decoded with the window: merges, leading spaces
+
+    def __init__(self, tokenizer: Any, start: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.start = start  # characters before the first token (an echoed prompt's text)
+        self.ids: list[int] = []
+        self._anchor = 0  # index of the anchor token ...
+        self._anchor_chars = 0  # ... and the length of the text before it
+
+    def _length(self, ids: Sequence[int]) -> int:
+        text = self.tokenizer.decode(
+            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return len(text)
+
+    def push(self, new_ids: Sequence[int]) -> list[int]:
+        out = []
+        for token in new_ids:
+            j = len(self.ids)
+            if j - self._anchor >= self.ANCHOR_EVERY:
+                self._anchor, self._anchor_chars = j, self._length(self.ids)
+            window = max(0, self._anchor - self.CONTEXT)
+            before = self._length(self.ids[window : self._anchor]) if window < self._anchor else 0
+            out.append(self.start + self._anchor_chars + self._length(self.ids[window:j]) - before)
+            self.ids.append(int(token))
+        return out
 
 
 def chat_logprobs(texts: TokenTexts, logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
@@ -80,26 +144,23 @@ def chat_logprobs(texts: TokenTexts, logprobs: Sequence[TokenLogprob]) -> ChatLo
 def completion_logprobs(
     texts: TokenTexts,
     logprobs: Sequence[TokenLogprob],
-    offset: int,
+    offsets: TextOffsets,
     prompt_first: int | None = None,
     prompt_logprobs: Sequence[TokenLogprob] = (),
 ) -> CompletionLogprobs:
-    """``choices[i].logprobs`` of a text completion (or of one stream chunk) whose first token
-    starts at character ``offset`` of the text. ``top_logprobs`` holds the alternatives asked for
-    and the chosen token, as the OpenAI API gives them (up to N + 1 entries). With ``echo``, the
-    prompt's tokens come first: ``prompt_first`` (its first token, which has no value: None) and
-    ``prompt_logprobs`` (the rest)."""
+    """``choices[i].logprobs`` of a text completion (or of one stream chunk); ``offsets`` follows
+    the choice's tokens so far. ``top_logprobs`` holds the alternatives asked for and the chosen
+    token, as the OpenAI API gives them (up to N + 1 entries). With ``echo``, the prompt's tokens
+    come first: ``prompt_first`` (its first token, which has no value: None) and
+    ``prompt_logprobs`` (the rest); their offsets count from the start of the echoed prompt,
+    the answer's from its end (``offsets.start``)."""
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
-    offsets: list[int] = []
     if prompt_first is not None:
-        first = texts.text(prompt_first)
-        tokens.append(first)
+        tokens.append(texts.text(prompt_first))
         values.append(None)
         tops.append(None)
-        offsets.append(offset)
-        offset += len(first)
     for lp in (*prompt_logprobs, *logprobs):
         text = texts.text(lp.token_id)
         tokens.append(text)
@@ -107,8 +168,11 @@ def completion_logprobs(
         top = {texts.text(t): v for t, v in lp.top}
         top.setdefault(text, lp.logprob)
         tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
+    starts = []
+    if prompt_first is not None:
+        prompt_ids = [prompt_first, *(lp.token_id for lp in prompt_logprobs)]
+        starts = TextOffsets(offsets.tokenizer).push(prompt_ids)
+    starts += offsets.push([lp.token_id for lp in logprobs])
     return CompletionLogprobs(
-        tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
+        tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=starts
     )

@@ -179,6 +179,13 @@ class RequestPlanner:
             logit_bias = as_logit_bias(body.logit_bias)
         except InvalidSettingsError as exc:
             raise bad_request(str(exc), "logit_bias") from exc
+        outside = [t for t, _ in logit_bias if t >= self.vocab_size]
+        if outside:
+            raise bad_request(
+                f"logit_bias names token {outside[0]}, outside the vocabulary (0 to "
+                f"{self.vocab_size - 1})",
+                "logit_bias",
+            )
         return GenerationOptions(
             temperature=(
                 self.settings.default_temperature if body.temperature is None else body.temperature
