@@ -64,3 +64,31 @@ def test_qwen_coder_pair_is_lossless():
     bursts = SpeculativeGenerator(target, None, tokens_per_sync=5)
     assert bursts.generate(PROMPT, max_new_tokens=24).token_ids == reference
     assert result.stats.accepted > 0
+
+
+def test_qwen_coder_logprobs_match_transformers():
+    """Each token's log-probability from speculative rounds equals transformers' own step's
+    (``output_logits``), and the prompt's equal one full forward's."""
+    import torch
+
+    pulled("qwen2.5-coder-0.5b")
+    target = load_model(pulled("qwen2.5-coder-1.5b"), device="cpu")
+    draft = load_model(pulled("qwen2.5-coder-0.5b"), device="cpu")
+    enc = target.tokenizer(PROMPT, return_tensors="pt")
+    out = target.model.generate(
+        **enc, do_sample=False, max_new_tokens=16, output_logits=True, return_dict_in_generate=True
+    )
+    tokens = out.sequences[0, enc["input_ids"].shape[1] :].tolist()
+    steps = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+    expected = [float(steps[i, t]) for i, t in enumerate(tokens)]
+    result = SpeculativeGenerator(target, ModelDrafter(draft), 4).generate(
+        PROMPT, max_new_tokens=16, logprobs=3, prompt_logprobs=0
+    )
+    assert result.token_ids == tokens and result.stats.accepted > 0
+    assert result.logprobs is not None and result.prompt_logprobs is not None
+    assert [lp.logprob for lp in result.logprobs] == pytest.approx(expected, abs=2e-3)
+    with torch.no_grad():
+        full = torch.log_softmax(target.model(**enc).logits[0].float(), dim=-1)
+    ids = enc["input_ids"][0].tolist()
+    prompt_expected = [float(full[i, t]) for i, t in enumerate(ids[1:])]
+    assert [lp.logprob for lp in result.prompt_logprobs] == pytest.approx(prompt_expected, abs=2e-3)

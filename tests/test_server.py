@@ -499,6 +499,25 @@ def test_segments_cover_the_released_text_per_token(generator: SpeculativeGenera
     assert {p.from_draft for p in pieces} == {True, False}
 
 
+def test_segments_carry_the_probability_of_their_text(generator: SpeculativeGenerator) -> None:
+    """With log-probabilities, a piece carries its token's; a character spelt by several tokens
+    carries their sum (its probability); without them, None."""
+    tokenizer = generator.target.tokenizer
+    ids = tokenizer("a 🙂 b")["input_ids"]
+    values = [-0.1 * (i + 1) for i in range(len(ids))]
+    tracker = SegmentTracker(tokenizer)
+    stream = TextStream(tokenizer)
+    pieces = tracker.push(ids, [False] * len(ids), stream.push(ids).text, logprobs=values)
+    pieces += tracker.finish(stream.flush())
+    assert "".join(p.text for p in pieces) == tokenizer.decode(ids)
+    assert sum(p.logprob for p in pieces if p.logprob is not None) == pytest.approx(sum(values))
+    emoji = next(p for p in pieces if "🙂" in p.text)  # its bytes take several tokens
+    runs = [sum(values[i:j]) for i in range(len(ids)) for j in range(i + 2, len(ids) + 1)]
+    assert any(emoji.logprob == pytest.approx(run) for run in runs)
+    plain = SegmentTracker(tokenizer).push(ids, [False] * len(ids), tokenizer.decode(ids))
+    assert all(p.logprob is None for p in plain)
+
+
 def test_segments_mark_the_tokens_prompt_lookup_copied(generator: SpeculativeGenerator) -> None:
     """Drafted tokens of a lookup round are marked copied, also when their text is released in
     a later round; the target's own tokens never are (the stream's end to end: test_hybrid)."""

@@ -333,6 +333,7 @@ def test_page_streams_and_marks_draft_tokens(server: LiveServer, tmp_path: Path)
         drafted = answer.find_elements(By.CSS_SELECTOR, ".tok.draft")
         own = answer.find_elements(By.CSS_SELECTOR, ".tok.target")
         assert drafted and own, "both draft-accepted and target tokens are marked"
+        assert "probability" in drafted[0].get_attribute("title")  # the page asks for logprobs
         stats = answer.find_element(By.CLASS_NAME, "stats").text
         assert "tau" in stats and "tok/s" in stats and "finish: " in stats
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")

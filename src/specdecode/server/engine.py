@@ -141,7 +141,11 @@ class _Progress:
             token_ids=list(event.token_ids),
             from_draft=list(event.from_draft),
             pieces=self.tracker.push(
-                event.token_ids, event.from_draft, event.text, copied=event.copied
+                event.token_ids,
+                event.from_draft,
+                event.text,
+                copied=event.copied,
+                logprobs=None if event.logprobs is None else [lp.logprob for lp in event.logprobs],
             ),
             tau=self.tokens / self.passes,
             tokens_per_second=self.tokens / elapsed,

@@ -118,7 +118,9 @@ class ResponseFormat(ABC):
             tokens=update.token_ids,
             from_draft=update.from_draft,
             segments=[
-                TextSegment(text=p.text, from_draft=p.from_draft, copied=p.copied)
+                TextSegment(
+                    text=p.text, from_draft=p.from_draft, copied=p.copied, logprob=p.logprob
+                )
                 for p in update.pieces
             ],
             tau=update.tau,

@@ -122,6 +122,7 @@ class TextSegment(BaseModel):
     text: str
     from_draft: bool  # True: drafted and accepted; False: the target's own token
     copied: bool = False  # drafted by prompt lookup, not by the draft model (with from_draft)
+    logprob: float | None = None  # the target's, when the request asked for logprobs
 
 
 class ChunkExtension(BaseModel):

@@ -10,6 +10,7 @@ the loop's decoding, the rest of the text is attributed to the latest token.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ class Piece:
     text: str
     from_draft: bool
     copied: bool = False  # drafted by prompt lookup (only with from_draft)
+    # the target's log-probability of the piece (of its token, or of the tokens that together
+    # spell a character), when the request asked for log-probabilities
+    logprob: float | None = None
 
 
 class SegmentTracker:
@@ -37,6 +41,7 @@ class SegmentTracker:
         self._read = 0  # tokens before this have given their piece
         self._pending: deque[Piece] = deque()  # pieces not yet released
         self._last = Piece("", False)  # the latest token's origin
+        self._waiting_logprob: float | None = None  # of tokens whose piece is not complete yet
 
     def push(
         self,
@@ -44,14 +49,24 @@ class SegmentTracker:
         from_draft: Sequence[bool],
         released: str,
         copied: bool = False,
+        logprobs: Sequence[float] | None = None,
     ) -> list[Piece]:
         """Add a round's tokens; return the released text cut into per-token pieces.
-        ``copied``: the round's drafted tokens came from prompt lookup."""
-        for token, drafted in zip(token_ids, from_draft, strict=True):
-            self._last = Piece("", drafted, drafted and copied)
+        ``copied``: the round's drafted tokens came from prompt lookup; ``logprobs``: each
+        token's log-probability (a piece that takes several tokens gets their sum)."""
+        values: Sequence[float | None] = (
+            logprobs if logprobs is not None else [None] * len(token_ids)
+        )
+        for token, drafted, value in zip(token_ids, from_draft, values, strict=True):
+            if value is not None:
+                self._waiting_logprob = (self._waiting_logprob or 0.0) + value
+            self._last = Piece("", drafted, drafted and copied, self._waiting_logprob)
             text = self._next_piece(token)
             if text:
-                self._pending.append(Piece(text, drafted, drafted and copied))
+                self._pending.append(
+                    Piece(text, drafted, drafted and copied, self._waiting_logprob)
+                )
+                self._waiting_logprob = None
         return self._take(released)
 
     def finish(self, released: str) -> list[Piece]:
@@ -82,10 +97,10 @@ class SegmentTracker:
         while at < len(released) and self._pending:
             piece = self._pending.popleft()
             size = min(len(piece.text), len(released) - at)
-            out.append(Piece(released[at : at + size], piece.from_draft, piece.copied))
+            out.append(dataclasses.replace(piece, text=released[at : at + size]))
             if size < len(piece.text):
-                self._pending.appendleft(Piece(piece.text[size:], piece.from_draft, piece.copied))
+                self._pending.appendleft(dataclasses.replace(piece, text=piece.text[size:]))
             at += size
         if at < len(released):
-            out.append(Piece(released[at:], self._last.from_draft, self._last.copied))
+            out.append(dataclasses.replace(self._last, text=released[at:]))
         return out

@@ -62,6 +62,9 @@ function appendSegments(content, segments) {
     const origin = seg.from_draft ? (seg.copied ? "copied" : "draft") : "target";
     span.className = "tok " + origin;
     span.title = TITLES[origin];
+    if (seg.logprob !== null && seg.logprob !== undefined) {
+      span.title += ` (target's probability ${Math.exp(seg.logprob).toFixed(3)})`;
+    }
     span.textContent = seg.text;
     content.append(span);
   }
@@ -108,6 +111,7 @@ async function send(text) {
       messages: state.messages,
       max_tokens: Number($("max-tokens").value) || 128,
       temperature: Number($("temperature").value) || 0,
+      logprobs: true, // each token's probability, shown on hover (no extra pass)
       stream: true,
       stream_options: { include_usage: true },
     };
