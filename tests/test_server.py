@@ -144,6 +144,7 @@ def test_chat_greedy_matches_the_decoding_loop(app: Any, generator: SpeculativeG
         "prompt_tokens": len(expected.prompt_ids),
         "completion_tokens": len(expected.token_ids),
         "total_tokens": len(expected.prompt_ids) + len(expected.token_ids),
+        "prompt_tokens_details": {"cached_tokens": 0},  # this generator keeps no prompt cache
     }
     stats = body["specdecode"]["stats"]
     assert stats["drafted"] == expected.stats.drafted > 0
@@ -551,7 +552,8 @@ def test_the_stream_marks_copied_tokens_with_lookup_in_front(model_dir: Path) ->
         body = chat_body(messages=messages, stream=True, max_tokens=48)
         chunks = [c for c in sse(post(app, "/v1/chat/completions", body)) if c["specdecode"]]
         segments = [s for c in chunks for s in c["specdecode"]["segments"]]
-        assert segments and all(set(s) == {"text", "from_draft", "copied"} for s in segments)
+        keys = {"text", "from_draft", "copied", "logprob"}
+        assert segments and all(set(s) == keys for s in segments)
         assert all(s["from_draft"] for s in segments if s["copied"])
         [stats] = [c["specdecode"]["stats"] for c in chunks if c["specdecode"]["stats"]]
         assert 0 < stats["free_drafted"] <= stats["drafted"]

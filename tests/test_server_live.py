@@ -144,7 +144,15 @@ def test_openai_client_chat(client: openai.OpenAI) -> None:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer
-    assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        whole.usage.prompt_tokens,  # type: ignore[union-attr]
+        whole.usage.completion_tokens,  # type: ignore[union-attr]
+    )
+    # the server keeps the KV cache of the same prompt's positions but the last (which gives
+    # the first token), and the answer is the same
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
 def test_openai_client_completions_and_errors(client: openai.OpenAI) -> None:

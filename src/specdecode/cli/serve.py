@@ -64,6 +64,14 @@ def add_parser(sub: Any) -> None:
         help="temperature of requests that set none (default 0: greedy, unlike OpenAI's 1)",
     )
     net.add_argument(
+        "--no-prompt-cache",
+        dest="prompt_cache",
+        action="store_false",
+        help="prefill every prompt whole; by default the KV cache of the previous request's "
+        "positions that begin the next prompt (a chat's history, n samples of one prompt) is "
+        "kept, which may change float rounding at the last bit",
+    )
+    net.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logs"
     )
     p.set_defaults(run=run)
@@ -82,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidSettingsError(f"--timeout must be > 0 seconds, got {args.timeout}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:  %(name)s %(message)s")
     target = load_target(args)
-    generator = SpeculativeGenerator(target, build_drafter(args, target), build_schedule(args))
+    generator = SpeculativeGenerator(
+        target,
+        build_drafter(args, target),
+        build_schedule(args),
+        reuse_prompt_cache=args.prompt_cache,
+    )
     engine = Engine(generator, max_queue=args.max_queue, timeout=args.timeout)
     app = create_app(engine, settings)
     if args.host not in LOOPBACK and not settings.api_keys:

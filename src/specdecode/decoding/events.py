@@ -33,6 +33,7 @@ class GenerationStats:
     drafted_per_position: list[int] = field(default_factory=list)  # rounds drafting >= i+1 tokens
     accepted_per_position: list[int] = field(default_factory=list)  # rounds accepting >= i+1
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, positions kept from the previous sequence
     draft_seconds: float = 0.0
     draft_prefill_seconds: float = 0.0  # of draft_seconds, the draft model reading the prompt
     target_seconds: float = 0.0

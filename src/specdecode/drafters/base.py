@@ -76,8 +76,10 @@ class Drafter(ABC):
         target's model and KV cache, and must leave the session as they found it.
         """
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
-        """Start a new sequence (drop state left from the previous one)."""
+    def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:  # noqa: B027
+        """Start a new sequence (drop state left from the previous one). ``reuse_cache``: a
+        drafter with a KV cache may keep the positions whose ids begin the new sequence too
+        (the generator reuses its own: ``SpeculativeGenerator(reuse_prompt_cache=True)``)."""
 
     def reserve(self, positions: int) -> None:  # noqa: B027 - optional hook
         """The sequence will hold at most ``positions`` positions (drafters with a preallocated

@@ -67,9 +67,9 @@ class LookupDrafter(LooksUpNgrams, Drafter):
     def bind(self, target: Session) -> None:
         self.model.bind(target)
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         self.index.reset()
-        self.model.begin(prompt_ids)
+        self.model.begin(prompt_ids, reuse_cache)
 
     def reserve(self, positions: int) -> None:
         self.model.reserve(positions)

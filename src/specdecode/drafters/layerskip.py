@@ -131,7 +131,7 @@ class LayerSkipDrafter(Drafter):
             )
         self.session = target
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         self.exit.reset()
 
     def propose(

@@ -55,11 +55,14 @@ class ModelDrafter(Drafter):
         self.session = draft.new_session()
         self.on_device = self.session.device.type == "cuda" if on_device is None else on_device
         self._skip = 0  # leading tokens of the sequence the draft does not read
+        self._first = True  # no draft made yet in this sequence
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
-        self.session.reset()
+    def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
+        if not reuse_cache:
+            self.session.reset()  # else the first draft's sync keeps the common prefix
         window = self.prompt_window
         self._skip = max(0, len(prompt_ids) - window) if window is not None else 0
+        self._first = True
 
     def reserve(self, positions: int) -> None:
         self.session.reserve(positions)
@@ -73,7 +76,7 @@ class ModelDrafter(Drafter):
     ) -> Draft:
         start = time.perf_counter()
         ids = list(ids)
-        reads_prompt = self.session.length == 0  # the sequence's first draft: its prefill
+        reads_prompt, self._first = self._first, False  # the sequence's first draft: its prefill
         logits = self.session.forward(self.session.sync(ids[self._skip :]), 1)[-1]
         prefill_seconds = 0.0
         if reads_prompt:

@@ -49,7 +49,7 @@ class PromptLookupDrafter(LooksUpNgrams, Drafter):
         """The shortest n-gram: ``asked``, else the default (a single token)."""
         return cls.DEFAULT_MIN_NGRAM if asked is None else asked
 
-    def begin(self, prompt_ids: Sequence[int]) -> None:
+    def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         self.index.reset()
 
     def propose(

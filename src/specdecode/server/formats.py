@@ -30,6 +30,7 @@ from specdecode.server.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     FinishReason,
+    PromptTokensDetails,
     ResponseExtension,
     SpeculationStats,
     TextSegment,
@@ -49,6 +50,7 @@ def speculation_stats(stats: GenerationStats) -> SpeculationStats:
         free_accepted=stats.free_accepted,
         target_passes=stats.target_passes,
         new_tokens=stats.new_tokens,
+        cached_prompt_tokens=stats.cached_prompt_tokens,
         tokens_per_second=stats.tokens_per_second,
         time_to_first_token=stats.time_to_first_token,
         seconds=stats.total_seconds,
@@ -67,6 +69,7 @@ def summed_stats(results: Iterable[GenerationResult]) -> SpeculationStats:
         total.rejected_rounds += s.rejected_rounds
         total.free_drafted += s.free_drafted
         total.free_accepted += s.free_accepted
+        total.cached_prompt_tokens += s.cached_prompt_tokens
         total.total_seconds += s.total_seconds
         if i == 0:
             total.time_to_first_token = s.time_to_first_token
@@ -99,10 +102,19 @@ class ResponseFormat(ABC):
         return self.texts
 
     def usage(self, results: Iterable[GenerationResult]) -> Usage:
+        results = list(results)
         completion = sum(len(r.token_ids) for r in results)
         prompt = self.spec.prompt_tokens
+        # of each distinct prompt, the positions kept at its first choice (as prompt_tokens
+        # counts each distinct prompt once)
+        firsts: dict[tuple[int, ...], int] = {}
+        for r in results:
+            firsts.setdefault(tuple(r.prompt_ids), r.stats.cached_prompt_tokens)
         return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(firsts.values())),
         )
 
     def extension(self, results: Results) -> ResponseExtension:

@@ -93,10 +93,15 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt positions whose KV cache was kept from the previous request
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class SpeculationStats(BaseModel):
@@ -111,6 +116,7 @@ class SpeculationStats(BaseModel):
     free_accepted: int = 0
     target_passes: int  # target forward passes, prefill included
     new_tokens: int
+    cached_prompt_tokens: int = 0  # prompt positions kept from the previous request's cache
     tokens_per_second: float
     time_to_first_token: float  # seconds from the start of the generation (queue wait excluded)
     seconds: float  # generation time
