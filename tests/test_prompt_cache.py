@@ -101,3 +101,34 @@ def test_prompt_logprobs_need_a_full_prefill(tiny) -> None:
     again = gen.generate(FIRST, max_new_tokens=4, do_sample=False)
     assert again.stats.cached_prompt_tokens == len(scored.prompt_ids) - 1
     assert again.token_ids == scored.token_ids
+
+
+def test_a_failed_generation_is_not_reused(tiny) -> None:
+    """A pass that failed midway may leave half-written caches: the next prompt is prefilled
+    whole, in the target and the draft."""
+    target = tiny("llama")
+    drafter = ModelDrafter(tiny("llama", "perturbed"))
+    gen = SpeculativeGenerator(target, drafter, 4, reuse_prompt_cache=True)
+    first = target.tokenizer(FIRST)["input_ids"]
+    gen.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+    forward = gen.session.forward
+    calls = 0
+
+    def failing(new_ids: Any, num_logits: int = 1) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("out of memory")
+        return forward(new_ids, num_logits)
+
+    gen.session.forward = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gen.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+    gen.session.forward = forward  # type: ignore[method-assign]
+    after = gen.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+    assert after.stats.cached_prompt_tokens == 0
+    fresh = SpeculativeGenerator(target, ModelDrafter(tiny("llama", "perturbed")), 4)
+    want = fresh.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+    assert after.token_ids == want.token_ids
+    again = gen.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
+    assert again.stats.cached_prompt_tokens == len(first) - 1  # reused once all is well

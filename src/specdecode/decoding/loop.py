@@ -112,6 +112,7 @@ class SpeculativeGenerator:
             tokens_per_sync = GPU_TOKENS_PER_SYNC if self.session.device.type == "cuda" else 1
         self.tokens_per_sync = tokens_per_sync
         self.reuse_prompt_cache = reuse_prompt_cache
+        self._caches_suspect = False  # a generation failed mid-pass: prefill the next whole
         self.last_pass_size = 0  # tokens fed in the latest target pass, filler included
         if pass_costs is not None:
             self.schedule.use_costs(pass_costs, pad_passes)
@@ -215,9 +216,14 @@ class SpeculativeGenerator:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
         runner = self._for_call(call.drafting)
-        yield from runner._decode(
-            prompt_ids, request, sampler, seed, should_stop, top_logprobs, top_prompt
-        )
+        try:
+            yield from runner._decode(
+                prompt_ids, request, sampler, seed, should_stop, top_logprobs, top_prompt
+            )
+        except (Exception, KeyboardInterrupt):
+            # a pass that failed midway may have written some layers' caches and not others
+            self._caches_suspect = runner._caches_suspect = True
+            raise
 
     def _check_logprobs(self, logprobs: Any, name: str = "logprobs") -> int | None:
         if logprobs is None:
@@ -261,7 +267,8 @@ class SpeculativeGenerator:
         wants_costs = self.pad_passes or self.schedule.needs_costs
         if self.drafter is not None and self.pass_costs is None and wants_costs:
             self._calibrate(ids)
-        reuse = self.reuse_prompt_cache and top_prompt is None
+        reuse = self.reuse_prompt_cache and top_prompt is None and not self._caches_suspect
+        self._caches_suspect = False
         if reuse:
             feed = self.session.sync(ids)  # keeps the positions shared with the last sequence
         else:
