@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from specdecode import ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
+from specdecode import LookupDrafter, ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
 from specdecode.models import load_model
 
 FIRST = "def add(a, b):"
@@ -36,7 +36,7 @@ def _feeds(session: Any) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
-@pytest.mark.parametrize("kind", ["plain", "draft", "prompt-lookup"])
+@pytest.mark.parametrize("kind", ["plain", "draft", "prompt-lookup", "lookup-draft"])
 def test_reused_prefix_gives_the_tokens_of_a_fresh_prefill(tiny, arch: str, kind: str) -> None:
     target = tiny(arch)
 
@@ -45,6 +45,8 @@ def test_reused_prefix_gives_the_tokens_of_a_fresh_prefill(tiny, arch: str, kind
             return None
         if kind == "prompt-lookup":
             return PromptLookupDrafter(max_ngram=3)
+        if kind == "lookup-draft":
+            return LookupDrafter(ModelDrafter(tiny(arch, "perturbed")), min_ngram=2)
         return ModelDrafter(tiny(arch, "perturbed"))
 
     cached = SpeculativeGenerator(target, drafter(), 4, reuse_prompt_cache=True)

@@ -69,7 +69,10 @@ class LookupDrafter(LooksUpNgrams, Drafter):
 
     def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         self.index.reset()
-        self.model.begin(prompt_ids, reuse_cache)
+        if reuse_cache:
+            self.model.begin(prompt_ids, reuse_cache=True)
+        else:  # drafters written before reuse_cache existed take the ids alone
+            self.model.begin(prompt_ids)
 
     def reserve(self, positions: int) -> None:
         self.model.reserve(positions)
