@@ -124,7 +124,8 @@ def test_serve_cli_checks_settings_before_loading(capsys: pytest.CaptureFixture[
 
 
 # ----------------------------------------------------------------------------- openai client
-def test_openai_client_chat(client: openai.OpenAI) -> None:
+def test_openai_client_chat(client: openai.OpenAI, server: LiveServer) -> None:
+    cached_before = server.metrics().get("specdecode_prompt_tokens_cached_total", 0.0)
     assert [m.id for m in client.models.list()] == [MODEL]
     messages: Any = [{"role": "user", "content": "Speculative decoding drafts tokens"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
@@ -153,6 +154,8 @@ def test_openai_client_chat(client: openai.OpenAI) -> None:
     # the server keeps the KV cache of the same prompt's positions but the last (which gives
     # the first token), and the answer is the same
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    cached = server.metrics()["specdecode_prompt_tokens_cached_total"] - cached_before
+    assert cached >= usage.prompt_tokens_details.cached_tokens
 
 
 def test_openai_client_completions_and_errors(client: openai.OpenAI) -> None:

@@ -50,6 +50,7 @@ class QueueState:
 @dataclass
 class _Totals:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     generated_tokens: int = 0
     target_passes: int = 0
     drafted_tokens: int = 0
@@ -98,6 +99,7 @@ class Metrics:
             t = self._totals
             self._finished[finish_reason] += 1
             t.prompt_tokens += stats.prompt_tokens
+            t.cached_prompt_tokens += stats.cached_prompt_tokens
             t.generated_tokens += stats.new_tokens
             t.target_passes += stats.target_passes
             t.drafted_tokens += stats.drafted
@@ -138,6 +140,11 @@ class Metrics:
         )
         for name, value, text in (
             ("prompt_tokens_total", t.prompt_tokens, "prompt tokens processed"),
+            (
+                "prompt_tokens_cached_total",
+                t.cached_prompt_tokens,
+                "of those, positions kept from the previous request's KV cache",
+            ),
             ("generated_tokens_total", t.generated_tokens, "tokens generated"),
             ("target_passes_total", t.target_passes, "target forward passes, prefills included"),
             ("drafted_tokens_total", t.drafted_tokens, "tokens proposed by the drafter"),
