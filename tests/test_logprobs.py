@@ -159,3 +159,21 @@ def test_device_bursts_step_aside_for_logprobs(tiny) -> None:
     assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids)
     reference = _reference(target, result.token_ids)
     assert [lp.logprob for lp in result.logprobs] == pytest.approx(reference, abs=1e-4)
+
+
+def test_long_prompts_are_scored_a_chunk_at_a_time(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked scoring (here 5 positions a pass) gives the values of one whole pass."""
+    from specdecode.decoding import loop
+
+    target = tiny("llama")
+    gen = SpeculativeGenerator(target)
+    ids = target.tokenizer(PROMPT + " return a + b  # and more words here")["input_ids"]
+    whole = gen.generate(ids, max_new_tokens=4, do_sample=False, prompt_logprobs=1)
+    monkeypatch.setattr(loop, "PROMPT_CHUNK", 5)
+    chunked = gen.generate(ids, max_new_tokens=4, do_sample=False, prompt_logprobs=1)
+    assert len(ids) > 2 * 5 and chunked.token_ids == whole.token_ids
+    assert chunked.prompt_logprobs is not None and whole.prompt_logprobs is not None
+    assert [lp.token_id for lp in chunked.prompt_logprobs] == ids[1:]
+    assert [lp.logprob for lp in chunked.prompt_logprobs] == pytest.approx(
+        [lp.logprob for lp in whole.prompt_logprobs], abs=1e-4
+    )

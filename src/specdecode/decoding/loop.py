@@ -48,6 +48,8 @@ from specdecode.verify import Verdict, greedy_verify, seeded_verify, speculative
 PASS_SLACK = 32
 # plain greedy decoding on a GPU: tokens chosen on the device per read back (see tokens_per_sync)
 GPU_TOKENS_PER_SYNC = 8
+# prompt positions per prefill pass when the prompt's log-probabilities are asked for
+PROMPT_CHUNK = 512
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -196,7 +198,7 @@ class SpeculativeGenerator:
         Read from the passes that chose the tokens: no extra pass. ``prompt_logprobs``: the same
         for the prompt's tokens (each after the first, given those before it), in the first
         ``RoundEvent`` and ``GenerationResult.prompt_logprobs``: the prefill then computes the
-        output head at every prompt position (memory: prompt length x vocabulary floats).
+        output head at every prompt position, ``PROMPT_CHUNK`` positions a pass.
         """
         top_logprobs = self._check_logprobs(logprobs)
         top_prompt = self._check_logprobs(prompt_logprobs, "prompt_logprobs")
@@ -291,9 +293,7 @@ class SpeculativeGenerator:
         if top_prompt is None:
             logits = self.session.forward(feed, 1)
         else:  # every position's logits: each prompt token's log-probability too
-            every = self.session.forward(ids, len(ids))
-            prompt_lps = tuple(token_logprobs(every, ids[1:], top_prompt))
-            logits = every[-1:]
+            prompt_lps, logits = self._scored_prefill(ids, top_prompt)
         first = sampler.choose(sampler.scores(logits, ids, len(ids))[0])
         round_logprobs = self._logprobs(logits, [first.token], top_logprobs)
         synchronize(self.session.device)
@@ -365,6 +365,21 @@ class SpeculativeGenerator:
             prompt_logprobs=prompt_lps,
         )
         yield FinishEvent(result=result, text=tail)
+
+    def _scored_prefill(
+        self, ids: list[int], top: int
+    ) -> tuple[tuple[TokenLogprob, ...], torch.Tensor]:
+        """The prefill with the output head at every position, ``PROMPT_CHUNK`` positions a
+        pass (so that a long prompt never holds its whole length x vocabulary of logits):
+        each prompt token's log-probability after the first, and the last position's logits."""
+        scored: list[TokenLogprob] = []
+        logits = torch.empty(0)
+        for begin in range(0, len(ids), PROMPT_CHUNK):
+            chunk = ids[begin : begin + PROMPT_CHUNK]
+            rows = self.session.forward(chunk, len(chunk))
+            scored += token_logprobs(rows, ids[begin + 1 : begin + 1 + len(chunk)], top)
+            logits = rows[-1:]
+        return tuple(scored), logits
 
     @staticmethod
     def _logprobs(
