@@ -134,3 +134,82 @@ def test_a_failed_generation_is_not_reused(tiny) -> None:
     assert after.token_ids == want.token_ids
     again = gen.generate(first, max_new_tokens=NEW, do_sample=False, eos_token_id=[])
     assert again.stats.cached_prompt_tokens == len(first) - 1  # reused once all is well
+
+
+def test_sliding_window_targets_are_prefilled_whole(tmp_path) -> None:
+    """A sliding-window layer cannot be cut back once the window is full: such a target never
+    keeps a prefix, and every request works (they used to fail every other time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from specdecode.testing import tiny_tokenizer
+
+    config = AutoConfig.for_model(
+        "mistral",
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=16,
+        vocab_size=320,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer(320).save_pretrained(tmp_path)
+    target = load_model(tmp_path, device="cpu")
+    cached = SpeculativeGenerator(target, reuse_prompt_cache=True)
+    fresh = SpeculativeGenerator(target)
+    first = target.tokenizer(FIRST)["input_ids"]
+    for prompt in (first, first, target.tokenizer("import os")["input_ids"], first):
+        got = cached.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=[])
+        want = fresh.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=[])
+        assert got.token_ids == want.token_ids and got.stats.cached_prompt_tokens == 0
+
+
+def test_drafters_written_before_reuse_cache_still_work(tiny) -> None:
+    from specdecode.drafters import Draft, Drafter
+
+    class Legacy(Drafter):
+        name = "legacy"
+
+        def begin(self, prompt_ids):  # type: ignore[no-untyped-def, override]
+            self.begun = list(prompt_ids)
+
+        def propose(self, ids, max_tokens, sampler, stop=None):  # type: ignore[no-untyped-def]
+            return Draft([ids[-1]] * max_tokens, None, 0.0)
+
+    target = tiny("llama")
+    gen = SpeculativeGenerator(target, Legacy(), 3, reuse_prompt_cache=True)
+    first = target.tokenizer(FIRST)["input_ids"]
+    results = [gen.generate(first, max_new_tokens=8, do_sample=False) for _ in range(3)]
+    assert [r.token_ids for r in results[1:]] == [results[0].token_ids] * 2
+    assert results[2].stats.cached_prompt_tokens == len(first) - 1
+
+
+def test_the_server_reports_kept_positions_per_prompt(tiny) -> None:
+    """``usage.prompt_tokens_details.cached_tokens`` counts each prompt's first choice, as
+    ``prompt_tokens`` counts each prompt once, also when a list repeats a prompt."""
+    import torch
+
+    from specdecode.cli.serve import prompt_cache_on
+    from specdecode.server import Engine, ServerSettings, create_app
+
+    from .test_server import post
+
+    target = tiny("llama")
+    engine = Engine(SpeculativeGenerator(target, reuse_prompt_cache=True), timeout=60)
+    try:
+        app = create_app(engine, ServerSettings(served_model_name="tiny"))
+        ask = {"model": "tiny", "prompt": [FIRST, FIRST], "n": 2, "max_tokens": 3}
+        usage = post(app, "/v1/completions", ask).json()["usage"]
+    finally:
+        engine.close()
+    length = len(target.tokenizer(FIRST)["input_ids"])
+    assert usage["prompt_tokens"] == 2 * length
+    assert usage["prompt_tokens_details"] == {"cached_tokens": length - 1}  # the second prompt
+    assert prompt_cache_on("auto", torch.float32) and not prompt_cache_on("auto", torch.bfloat16)
+    assert prompt_cache_on("on", torch.bfloat16) and not prompt_cache_on("off", torch.float32)

@@ -19,6 +19,8 @@ from specdecode.cli.common import (
 from specdecode.errors import InvalidSettingsError
 
 if TYPE_CHECKING:  # the server's modules load on `serve` only, keeping other commands quick
+    import torch
+
     from specdecode.server import ServerSettings
 
 HELP = "serve the model over an OpenAI-compatible HTTP API (with a page at /)"
@@ -64,12 +66,14 @@ def add_parser(sub: Any) -> None:
         help="temperature of requests that set none (default 0: greedy, unlike OpenAI's 1)",
     )
     net.add_argument(
-        "--no-prompt-cache",
-        dest="prompt_cache",
-        action="store_false",
-        help="prefill every prompt whole; by default the KV cache of the previous request's "
-        "positions that begin the next prompt (a chat's history, n samples of one prompt) is "
-        "kept, which may change float rounding at the last bit",
+        "--prompt-cache",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="keep the KV cache of the previous request's positions that begin the next prompt "
+        "(a chat's history, n samples of one prompt) instead of prefilling them again. auto "
+        "(default): on for a float32 target, where the rounding it changes is far below any "
+        "token's margin; off in bfloat16/float16, where it can change a greedy token (measured "
+        "in docs/server.md)",
     )
     net.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logs"
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         target,
         build_drafter(args, target),
         build_schedule(args),
-        reuse_prompt_cache=args.prompt_cache,
+        reuse_prompt_cache=prompt_cache_on(args.prompt_cache, target.dtype),
     )
     engine = Engine(generator, max_queue=args.max_queue, timeout=args.timeout)
     app = create_app(engine, settings)
@@ -105,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     logger.info("serving %s as %r", target.name, settings.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def prompt_cache_on(choice: str, dtype: torch.dtype) -> bool:
+    """``--prompt-cache``: ``auto`` keeps prefixes for float32 targets only."""
+    import torch
+
+    return choice == "on" or (choice == "auto" and dtype == torch.float32)
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:

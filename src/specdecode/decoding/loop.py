@@ -30,6 +30,7 @@ from specdecode.decoding.events import (
 from specdecode.decoding.text import TextStream
 from specdecode.decoding.transformers_args import DraftingOverrides, split_call
 from specdecode.drafters import EMPTY_DRAFT, Draft, Drafter, DraftLength, FixedLength
+from specdecode.drafters.base import begin_sequence
 from specdecode.errors import InvalidSettingsError, PromptError
 from specdecode.models import LoadedModel, Session
 from specdecode.models.costs import PassCosts, can_pad, pass_costs_for
@@ -269,7 +270,12 @@ class SpeculativeGenerator:
         wants_costs = self.pad_passes or self.schedule.needs_costs
         if self.drafter is not None and self.pass_costs is None and wants_costs:
             self._calibrate(ids)
-        reuse = self.reuse_prompt_cache and top_prompt is None and not self._caches_suspect
+        reuse = (
+            self.reuse_prompt_cache
+            and top_prompt is None  # scoring the prompt needs every position's logits
+            and not self._caches_suspect
+            and can_pad(self.session.cache)  # (a sliding-window layer cannot be cut back)
+        )
         self._caches_suspect = False
         if reuse:
             feed = self.session.sync(ids)  # keeps the positions shared with the last sequence
@@ -281,10 +287,7 @@ class SpeculativeGenerator:
         positions = len(ids) + request.max_new_tokens + PASS_SLACK
         self.session.reserve(positions)
         if self.drafter is not None:
-            if reuse:
-                self.drafter.begin(ids, reuse_cache=True)
-            else:
-                self.drafter.begin(ids)
+            begin_sequence(self.drafter, ids, reuse_cache=stats.cached_prompt_tokens > 0)
             self.drafter.reserve(positions)
         start = time.perf_counter()
 

@@ -6,6 +6,7 @@ per sequence, :meth:`propose` once per round and :meth:`observe` with each round
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -116,3 +117,13 @@ class Drafter(ABC):
     def describe(self) -> dict[str, object]:
         """Settings worth recording next to measurements."""
         return {"name": self.name}
+
+
+def begin_sequence(drafter: Drafter, prompt_ids: Sequence[int], reuse_cache: bool) -> None:
+    """``drafter.begin`` for a new sequence; ``reuse_cache`` only where it was asked for (the
+    generator kept part of its own cache) and the drafter takes it: drafters written before it
+    existed take the prompt ids alone."""
+    if reuse_cache and "reuse_cache" in inspect.signature(drafter.begin).parameters:
+        drafter.begin(prompt_ids, reuse_cache=True)
+    else:
+        drafter.begin(prompt_ids)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from specdecode.drafters.base import Draft, Drafter, StopRule
+from specdecode.drafters.base import Draft, Drafter, StopRule, begin_sequence
 from specdecode.drafters.prompt_lookup import LooksUpNgrams, NgramIndex
 from specdecode.errors import InvalidSettingsError
 from specdecode.sampling import TokenSampler
@@ -69,10 +69,7 @@ class LookupDrafter(LooksUpNgrams, Drafter):
 
     def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
         self.index.reset()
-        if reuse_cache:
-            self.model.begin(prompt_ids, reuse_cache=True)
-        else:  # drafters written before reuse_cache existed take the ids alone
-            self.model.begin(prompt_ids)
+        begin_sequence(self.model, prompt_ids, reuse_cache)
 
     def reserve(self, positions: int) -> None:
         self.model.reserve(positions)

@@ -92,6 +92,7 @@ class JobSpec:
     options: GenerationOptions
     prompt_tokens: int  # of the request's distinct prompts, as ``usage`` counts them
     echo: tuple[str, ...] = ()  # per choice, its prompt's text to put before the answer (echo)
+    samples_per_prompt: int = 1  # n: choice i answers prompt i // n
 
 
 @dataclass(frozen=True)

@@ -101,20 +101,18 @@ class ResponseFormat(ABC):
             raise RuntimeError("log-probabilities were asked for but the format has no tokenizer")
         return self.texts
 
-    def usage(self, results: Iterable[GenerationResult]) -> Usage:
-        results = list(results)
-        completion = sum(len(r.token_ids) for r in results)
+    def usage(self, results: Results) -> Usage:
+        completion = sum(len(r.token_ids) for r in results.values())
         prompt = self.spec.prompt_tokens
-        # of each distinct prompt, the positions kept at its first choice (as prompt_tokens
-        # counts each distinct prompt once)
-        firsts: dict[tuple[int, ...], int] = {}
-        for r in results:
-            firsts.setdefault(tuple(r.prompt_ids), r.stats.cached_prompt_tokens)
+        # as prompt_tokens counts each prompt once, whatever n: the positions kept at each
+        # prompt's first choice
+        n = self.spec.samples_per_prompt
+        cached = sum(r.stats.cached_prompt_tokens for i, r in results.items() if i % n == 0)
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(firsts.values())),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     def extension(self, results: Results) -> ResponseExtension:
@@ -156,7 +154,7 @@ class ResponseFormat(ABC):
             id=self.id,
             model=self.model,
             choices=[],
-            usage=self.usage(results.values()),
+            usage=self.usage(results),
             specdecode=self.extension(results),
         )
 
@@ -211,7 +209,7 @@ class ChatFormat(ResponseFormat):
             id=self.id,
             model=self.model,
             choices=choices,
-            usage=self.usage(results.values()),
+            usage=self.usage(results),
             specdecode=self.extension(results),
         )
 
@@ -278,6 +276,6 @@ class CompletionFormat(ResponseFormat):
             id=self.id,
             model=self.model,
             choices=choices,
-            usage=self.usage(results.values()),
+            usage=self.usage(results),
             specdecode=self.extension(results),
         )

@@ -166,7 +166,12 @@ class RequestPlanner:
             for i in range(body.n)
         )
         prompt_tokens = sum(len(ids) for ids in prompts)
-        return JobSpec(choices=choices, options=options, prompt_tokens=prompt_tokens)
+        return JobSpec(
+            choices=choices,
+            options=options,
+            prompt_tokens=prompt_tokens,
+            samples_per_prompt=body.n,
+        )
 
     def _options(
         self, body: GenerationFields, max_tokens: int | None, logprobs: int | None
