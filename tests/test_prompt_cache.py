@@ -136,9 +136,8 @@ def test_a_failed_generation_is_not_reused(tiny) -> None:
     assert again.stats.cached_prompt_tokens == len(first) - 1  # reused once all is well
 
 
-def test_sliding_window_targets_are_prefilled_whole(tmp_path) -> None:
-    """A sliding-window layer cannot be cut back once the window is full: such a target never
-    keeps a prefix, and every request works (they used to fail every other time)."""
+def _sliding_window_model(folder: Any) -> Any:
+    """A tiny Mistral whose layers attend to a window of 16 positions."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -158,9 +157,15 @@ def test_sliding_window_targets_are_prefilled_whole(tmp_path) -> None:
         eos_token_id=0,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tiny_tokenizer(320).save_pretrained(tmp_path)
-    target = load_model(tmp_path, device="cpu")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer(320).save_pretrained(folder)
+    return load_model(folder, device="cpu")
+
+
+def test_sliding_window_targets_are_prefilled_whole(tmp_path) -> None:
+    """A sliding-window layer can be cut back only by what its last pass added: such a target
+    never keeps a prefix, and every request works (they used to fail every other time)."""
+    target = _sliding_window_model(tmp_path)
     cached = SpeculativeGenerator(target, reuse_prompt_cache=True)
     fresh = SpeculativeGenerator(target)
     first = target.tokenizer(FIRST)["input_ids"]
@@ -213,3 +218,24 @@ def test_the_server_reports_kept_positions_per_prompt(tiny) -> None:
     assert usage["prompt_tokens_details"] == {"cached_tokens": length - 1}  # the second prompt
     assert prompt_cache_on("auto", torch.float32) and not prompt_cache_on("auto", torch.bfloat16)
     assert prompt_cache_on("on", torch.bfloat16) and not prompt_cache_on("off", torch.float32)
+
+
+def test_speculation_on_a_sliding_window_target_goes_past_the_window(tmp_path) -> None:
+    """Rejected drafts are rolled back after the window is full (transformers' layer refused
+    to), and the tokens are transformers' own greedy ones; the draft model's cache, a sliding
+    window too, is not kept across sequences even when asked to."""
+    import torch
+
+    target = _sliding_window_model(tmp_path / "target")
+    draft = _sliding_window_model(tmp_path / "draft")  # the same weights: all accepted
+    for prompt in (FIRST, "import os\nimport sys\n" * 6):  # 9 and 90 tokens; window 16
+        ids = target.tokenizer(prompt)["input_ids"]
+        out = target.model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=40, pad_token_id=0
+        )
+        expected = out[0, len(ids) :].tolist()
+        for drafter in (PromptLookupDrafter(max_ngram=2), ModelDrafter(draft)):
+            gen = SpeculativeGenerator(target, drafter, 4, reuse_prompt_cache=True)
+            for _ in range(2):
+                got = gen.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=[])
+                assert got.token_ids == expected and got.stats.drafted > 0, drafter.name

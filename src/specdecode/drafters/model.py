@@ -10,6 +10,7 @@ import torch
 from specdecode.drafters.base import Draft, Drafter, StopRule, draft_probabilities
 from specdecode.errors import InvalidSettingsError
 from specdecode.models import LoadedModel
+from specdecode.models.costs import can_pad
 from specdecode.models.timing import synchronize
 from specdecode.sampling import TokenSampler
 
@@ -58,8 +59,10 @@ class ModelDrafter(Drafter):
         self._first = True  # no draft made yet in this sequence
 
     def begin(self, prompt_ids: Sequence[int], reuse_cache: bool = False) -> None:
-        if not reuse_cache:
-            self.session.reset()  # else the first draft's sync keeps the common prefix
+        # with reuse_cache the first draft's sync keeps the common prefix, where the cache can
+        # be cut back that far (not a sliding-window layer)
+        if not (reuse_cache and can_pad(self.session.cache)):
+            self.session.reset()
         window = self.prompt_window
         self._skip = max(0, len(prompt_ids) - window) if window is not None else 0
         self._first = True

@@ -7,7 +7,9 @@ and returns views. Truncating to an earlier length only changes an integer; the 
 are overwritten by the next update (as in gpt-fast's static cache).
 
 Layers of other kinds (sliding window, linear attention) keep transformers' own implementation
-and are rolled back with its ``crop``.
+and are rolled back with its ``crop`` (a sliding-window layer records its past for that, so
+that drafts can be rolled back after its window is full; it can be cut back only by what the
+last pass added, so such caches are never kept across sequences).
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ def make_cache(config: Any) -> DynamicCache:
     cache.layers = [
         RollbackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
     ]
+    for layer in cache.layers:
+        # A sliding-window layer drops what leaves its window at every update, and then refuses
+        # to roll back rejected drafts once the window is full; recording the past keeps a
+        # pass's states until the rollback's crop trims them (transformers' own remedy).
+        activate = getattr(layer, "activate_past_recording", None)
+        if activate is not None:
+            activate()
     return cache
 
 
