@@ -177,3 +177,15 @@ def test_long_prompts_are_scored_a_chunk_at_a_time(tiny, monkeypatch: pytest.Mon
     assert [lp.logprob for lp in chunked.prompt_logprobs] == pytest.approx(
         [lp.logprob for lp in whole.prompt_logprobs], abs=1e-4
     )
+
+
+def test_zero_new_tokens_only_scores_the_prompt(tiny) -> None:
+    target = tiny("qwen2")
+    gen = SpeculativeGenerator(target, PromptLookupDrafter(max_ngram=3), draft_length=4)
+    ids = target.tokenizer(PROMPT)["input_ids"]
+    scored = gen.generate(ids, max_new_tokens=0, prompt_logprobs=0)
+    assert scored.token_ids == [] and scored.text == "" and scored.finish_reason == "length"
+    assert scored.prompt_logprobs is not None and len(scored.prompt_logprobs) == len(ids) - 1
+    assert scored.stats.target_passes == 1 and scored.stats.new_tokens == 0
+    with pytest.raises(InvalidSettingsError, match="prompt_logprobs"):
+        gen.generate(ids, max_new_tokens=0)

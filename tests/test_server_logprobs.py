@@ -252,3 +252,22 @@ def test_echo_with_logprobs_scores_the_prompt_too(
     assert streamed[0] is None and streamed[1:] == pytest.approx(
         whole["logprobs"]["token_logprobs"][1:]
     )
+
+
+def test_max_tokens_zero_scores_the_prompt_alone(app: Any) -> None:
+    """Scoring a text with no answer (the legacy API's ``max_tokens: 0`` with ``echo``)."""
+    ask = {"model": MODEL, "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 0}
+    body = post(app, "/v1/completions", ask).json()
+    choice = body["choices"][0]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    scored = choice["logprobs"]["token_logprobs"]
+    assert scored[0] is None and len(scored) == body["usage"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == 0
+    whole = post(app, "/v1/completions", {**ask, "max_tokens": 1}).json()["choices"][0]
+    assert whole["logprobs"]["token_logprobs"][: len(scored)][1:] == pytest.approx(scored[1:])
+    chunks = sse(post(app, "/v1/completions", {**ask, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == PROMPT
+    for without in ({"echo": False}, {"logprobs": None}):
+        expect_error(post(app, "/v1/completions", {**ask, **without}), 400, "max_tokens")
+    chat = {"model": MODEL, "messages": USER, "max_tokens": 0}
+    expect_error(post(app, "/v1/chat/completions", chat), 422, "max_tokens")

@@ -80,13 +80,15 @@ def resolve_request(
     stop_strings: str | list[str] | None = None,
     stop: str | list[str] | None = None,
     sampling_mode: SamplingMode = "rejection",
+    scores_prompt: bool = False,
     **sampling_kwargs: Any,
 ) -> GenerationRequest:
     """Merge arguments as transformers' ``generate`` does.
 
     A ``generation_config`` (transformers ``GenerationConfig``) counts as user arguments; explicit
     keyword arguments override it. ``sampling_mode`` is recorded as given (already resolved, see
-    :func:`resolve_sampling_mode`).
+    :func:`resolve_sampling_mode`). ``scores_prompt``: the call asks for the prompt's
+    log-probabilities, so ``max_new_tokens=0`` (the prompt scored, nothing generated) is allowed.
     """
     unknown = set(sampling_kwargs) - set(_SAMPLING_KEYS)
     if unknown:
@@ -115,7 +117,7 @@ def resolve_request(
     return GenerationRequest(
         sampling=sampling,
         max_new_tokens=_max_new_tokens(
-            target, prompt_length, user.get("max_new_tokens"), model_config
+            target, prompt_length, user.get("max_new_tokens"), model_config, scores_prompt
         ),
         eos_token_ids=_eos_ids(target, user.get("eos_token_id"), model_config) | stop_ids,
         stop_strings=stops,
@@ -139,14 +141,19 @@ def _special_stops(
     return tuple(kept), frozenset(ids)
 
 
-def _max_new_tokens(target: LoadedModel, prompt_length: int, asked: Any, model_config: Any) -> int:
+def _max_new_tokens(
+    target: LoadedModel, prompt_length: int, asked: Any, model_config: Any, scores_prompt: bool
+) -> int:
     value = asked
     if value is None and model_config is not None:
         value = getattr(model_config, "max_new_tokens", None)
     if value is None:
         value = DEFAULT_MAX_NEW_TOKENS
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidSettingsError(f"max_new_tokens must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if scores_prompt else 1):
+        raise InvalidSettingsError(
+            f"max_new_tokens must be a positive integer, got {value!r}"
+            + (" (0 only scores the prompt: pass prompt_logprobs)" if value == 0 else "")
+        )
     limit = target.max_context
     if limit is not None:
         value = min(value, limit - prompt_length)

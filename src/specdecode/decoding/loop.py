@@ -199,7 +199,8 @@ class SpeculativeGenerator:
         Read from the passes that chose the tokens: no extra pass. ``prompt_logprobs``: the same
         for the prompt's tokens (each after the first, given those before it), in the first
         ``RoundEvent`` and ``GenerationResult.prompt_logprobs``: the prefill then computes the
-        output head at every prompt position, ``PROMPT_CHUNK`` positions a pass.
+        output head at every prompt position, ``PROMPT_CHUNK`` positions a pass. With
+        ``max_new_tokens=0`` (allowed only then) nothing is generated: the prompt is scored.
         """
         top_logprobs = self._check_logprobs(logprobs)
         top_prompt = self._check_logprobs(prompt_logprobs, "prompt_logprobs")
@@ -207,7 +208,11 @@ class SpeculativeGenerator:
         prompt_ids = self.encode(call.prompt, chat=chat)
         mode = resolve_sampling_mode(sampling_mode, seed_given=seed is not None)
         request = resolve_request(
-            self.target, len(prompt_ids), sampling_mode=mode, **call.request_kwargs(len(prompt_ids))
+            self.target,
+            len(prompt_ids),
+            sampling_mode=mode,
+            scores_prompt=top_prompt is not None,
+            **call.request_kwargs(len(prompt_ids)),
         )
         biased = [t for t, _ in request.sampling.logit_bias if t >= self.vocab_size]
         if biased:

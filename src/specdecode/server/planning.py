@@ -59,6 +59,12 @@ class RequestPlanner:
     def completion(self, body: CompletionRequest) -> JobSpec:
         self.check_model(body.model)
         refuse_unsupported(body)
+        if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
+            raise bad_request(
+                "max_tokens 0 asks for no answer: it only scores a prompt, with echo: true and "
+                "logprobs set; ask for at least 1 token otherwise",
+                "max_tokens",
+            )
         with self._lock:
             prompts = self._prompts(body.prompt)
         spec = self._plan(body, prompts, body.max_tokens, param="prompt", logprobs=body.logprobs)
@@ -213,9 +219,11 @@ class RequestPlanner:
         """Resolve the options as the loop will, so that bad values fail now with a 400."""
         kwargs: dict[str, Any] = options.loop_kwargs()
         kwargs.pop("logprobs")  # output options, checked by the schema
-        kwargs.pop("prompt_logprobs")
+        scores_prompt = kwargs.pop("prompt_logprobs") is not None
         try:
-            resolve_request(self.generator.target, prompt_length, **kwargs)
+            resolve_request(
+                self.generator.target, prompt_length, scores_prompt=scores_prompt, **kwargs
+            )
         except InvalidSettingsError as exc:
             raise bad_request(str(exc)) from exc
 

@@ -85,6 +85,8 @@ class CompletionRequest(GenerationFields):
     # each token's log-probability and this many alternatives (0: the chosen token's alone)
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool | None = None  # the prompt before the answer (with logprobs: the prompt's too)
+    # 0: no answer, only the echoed prompt and its log-probabilities (scoring a text)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     suffix: str | None = None  # refused when set
 
 
