@@ -167,6 +167,8 @@ def test_openai_client_completions_and_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="scores a prompt"):  # 0: only with echo
         client.completions.create(model=MODEL, prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=[10**6], max_tokens=2)
