@@ -80,6 +80,11 @@ class TextStream:
         """All the text released so far."""
         return self._full[: self.released]
 
+    @property
+    def decoded(self) -> str:
+        """The text of every id pushed so far, held-back characters included."""
+        return self._full
+
     def flush(self) -> str:
         """Release what was held back (the sequence has ended without a stop string)."""
         if self.stopped:

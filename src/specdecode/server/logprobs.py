@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from specdecode.decoding.text import TextStream
 from specdecode.sampling import TokenLogprob
 from specdecode.server.schemas import (
     ChatLogprobs,
@@ -91,38 +92,20 @@ class TokenTexts:
 
 class TextOffsets:
     """Where each token's contribution starts in the text of the ids so far: the length of the
-    text of the ids before it, decoded as the answer's text is (special tokens skipped).
-
-    Each token decodes a short window, from an anchor (re-measured in full every
-    ``ANCHOR_EVERY`` tokens) with a few tokens of context before it, so that long prompts
-    (echo) cost linear time, not quadratic."""
-
-    ANCHOR_EVERY = 256
-    CONTEXT = 8  # tokens before the anchor decoded with the window: merges, leading spaces
+    text of the ids before it, decoded as the answer's text is, by the same incremental decoding
+    (:class:`~specdecode.decoding.TextStream`: a settled prefix and a short window after it, so
+    that long prompts (echo) cost linear time, not quadratic)."""
 
     def __init__(self, tokenizer: Any, start: int = 0) -> None:
         self.tokenizer = tokenizer
         self.start = start  # characters before the first token (an echoed prompt's text)
-        self.ids: list[int] = []
-        self._anchor = 0  # index of the anchor token ...
-        self._anchor_chars = 0  # ... and the length of the text before it
-
-    def _length(self, ids: Sequence[int]) -> int:
-        text = self.tokenizer.decode(
-            list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        return len(text)
+        self._stream = TextStream(tokenizer)
 
     def push(self, new_ids: Sequence[int]) -> list[int]:
         out = []
         for token in new_ids:
-            j = len(self.ids)
-            if j - self._anchor >= self.ANCHOR_EVERY:
-                self._anchor, self._anchor_chars = j, self._length(self.ids)
-            window = max(0, self._anchor - self.CONTEXT)
-            before = self._length(self.ids[window : self._anchor]) if window < self._anchor else 0
-            out.append(self.start + self._anchor_chars + self._length(self.ids[window:j]) - before)
-            self.ids.append(int(token))
+            out.append(self.start + len(self._stream.decoded))
+            self._stream.push([int(token)])
         return out
 
 
