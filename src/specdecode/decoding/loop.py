@@ -347,10 +347,11 @@ class SpeculativeGenerator:
             draft = self._draft(ids, request.max_new_tokens - len(new), sampler)
             tick = time.perf_counter()
             verdict, logits = self._verify(ids, draft, sampler)
-            proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
-            round_logprobs = self._logprobs(logits, proposal, top_logprobs)
             synchronize(self.session.device)
             target_seconds = time.perf_counter() - tick
+            proposal = [*draft.tokens[: verdict.num_accepted], verdict.next_token]
+            # after the pass's timing, which the draft-length schedule learns costs from
+            round_logprobs = self._logprobs(logits, proposal, top_logprobs)
             stats.record_round(len(draft), verdict.num_accepted, draft.free)
             self.schedule.observe_time(
                 len(draft), draft.seconds, self.last_pass_size, target_seconds, free=draft.free
