@@ -55,3 +55,7 @@ class ProfileMismatchError(SkipProfileError):
 
 class SearchError(SpecDecodeError):
     """A skip-set search cannot start or continue (storage, study settings, missing extras)."""
+
+
+class GrammarError(InvalidSettingsError):
+    """A grammar for constrained output (JSON schema, regex, Lark, choices) is not usable."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from specdecode.constraints import Grammar, GrammarCompiler
 from specdecode.decoding.config import GenerationRequest, resolve_request, resolve_sampling_mode
 from specdecode.decoding.events import (
     FinishEvent,
@@ -123,6 +124,7 @@ class SpeculativeGenerator:
             drafter.bind(self.session)
         head = target.model.get_output_embeddings()  # nn.Linear, int8 or oneDNN-packed
         self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+        self._grammars: GrammarCompiler | None = None  # made at the first grammar asked for
 
     # ----------------------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -173,6 +175,7 @@ class SpeculativeGenerator:
         sampling_mode: str | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        grammar: Grammar | None = None,
         **generation_kwargs: Any,
     ) -> Iterator[GenerationEvent]:
         """Yield a :class:`RoundEvent` per target pass, then a :class:`FinishEvent`.
@@ -223,6 +226,10 @@ class SpeculativeGenerator:
         if seed is None:
             seed = secrets.randbits(63)
         sampler = make_sampler(request, seed, len(prompt_ids))
+        if grammar is not None:
+            sampler.constraint = self.grammar_compiler().constraint(
+                grammar, sorted(request.eos_token_ids), len(prompt_ids)
+            )
         runner = self._for_call(call.drafting)
         try:
             yield from runner._decode(
@@ -232,6 +239,12 @@ class SpeculativeGenerator:
             # a pass that failed midway may have written some layers' caches and not others
             self._caches_suspect = runner._caches_suspect = True
             raise
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles grammars against the target's tokenizer (reads the vocabulary once)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.target.tokenizer, self.vocab_size)
+        return self._grammars
 
     def _check_logprobs(self, logprobs: Any, name: str = "logprobs") -> int | None:
         if logprobs is None:
@@ -369,7 +382,7 @@ class SpeculativeGenerator:
             finish_reason=finish,
             stats=stats,
             seed=seed if sampler.settings.do_sample else None,
-            settings=request.describe(),
+            settings=_settings(request, sampler),
             logprobs=None if all_logprobs is None else tuple(all_logprobs),
             prompt_logprobs=prompt_lps,
         )
@@ -407,13 +420,14 @@ class SpeculativeGenerator:
         free = self.drafter.free_draft(ids, remaining - 1)
         taken = 0 if free is None else min(self.schedule.free_length(free), remaining - 1)
         if free is not None and taken > 0:
-            usable = self._usable(free, taken)
+            usable = self._usable(free, taken, ids, sampler)
             if len(usable):  # else (an id the target lacks first) the model drafts
                 return usable
         k = min(self.schedule.next(), remaining - 1)
         if k < 1:
             return EMPTY_DRAFT
-        return self._usable(self.drafter.propose(ids, k, sampler, self.schedule.stop_rule()), k)
+        draft = self.drafter.propose(ids, k, sampler, self.schedule.stop_rule())
+        return self._usable(draft, k, ids, sampler)
 
     def _greedy_run(self, ids: list[int], remaining: int) -> list[int]:
         """Plain greedy decoding's next tokens (at most ``tokens_per_sync`` and ``remaining``),
@@ -422,12 +436,15 @@ class SpeculativeGenerator:
         steps = min(self.tokens_per_sync, remaining)
         return self.session.greedy_extend(logits, steps).tokens
 
-    def _usable(self, draft: Draft, limit: int) -> Draft:
+    def _usable(self, draft: Draft, limit: int, ids: list[int], sampler: TokenSampler) -> Draft:
         """At most ``limit`` tokens of ``draft``, ending before the first id the target's
         embedding lacks (a draft with a larger padded matrix: p = 0 there, and the target
-        cannot be fed it)."""
+        cannot be fed it) and before the first a grammar refuses (p = 0 there too)."""
         usable = next((i for i, t in enumerate(draft.tokens) if t >= self.vocab_size), len(draft))
-        return draft.head(min(usable, limit))
+        usable = min(usable, limit)
+        if sampler.constraint is not None and usable:
+            usable = sampler.constraint.valid_prefix(ids, draft.tokens[:usable])
+        return draft.head(usable)
 
     def _verify(
         self, ids: list[int], draft: Draft, sampler: TokenSampler
@@ -529,6 +546,15 @@ def make_sampler(request: GenerationRequest, seed: int, prompt_length: int) -> T
     if request.sampling.do_sample and request.sampling_mode == "seeded":
         return SeededSampler(request.sampling, generator, seed=seed, prompt_length=prompt_length)
     return TokenSampler(request.sampling, generator, prompt_length)
+
+
+def _settings(request: GenerationRequest, sampler: TokenSampler) -> dict[str, Any]:
+    """The resolved settings a result records, with the grammar when one constrained it."""
+    settings = request.describe()
+    grammar = getattr(sampler.constraint, "grammar", None)
+    if grammar is not None:
+        settings["grammar"] = grammar.describe()
+    return settings
 
 
 def _as_id_list(encoded: Any) -> list[int]:

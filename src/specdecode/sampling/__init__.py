@@ -13,7 +13,7 @@ from specdecode.sampling.processors import (
     process_logits,
 )
 from specdecode.sampling.sample import greedy, sample, to_probs
-from specdecode.sampling.sampler import Choice, TokenSampler
+from specdecode.sampling.sampler import Choice, TokenConstraint, TokenSampler
 from specdecode.sampling.seeded import SeededSampler
 from specdecode.sampling.settings import SamplingSettings, resolve_sampling
 
@@ -21,6 +21,7 @@ __all__ = [
     "Choice",
     "SamplingSettings",
     "SeededSampler",
+    "TokenConstraint",
     "TokenLogprob",
     "TokenSampler",
     "apply_logit_bias",

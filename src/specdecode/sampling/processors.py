@@ -109,9 +109,12 @@ def process_logits(
     seen_ids: list[torch.Tensor] | None,
     settings: SamplingSettings,
     generated_ids: list[torch.Tensor] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply every processor the settings ask for, in transformers' order, the OpenAI API's
-    additive ones after the repetition penalty.
+    additive ones after the repetition penalty, then a constraint's mask (``allowed``: (N, V),
+    True where allowed; a grammar's), before temperature and truncation, so that top-k, top-p
+    and min-p choose among allowed tokens.
 
     ``logits``: (N, V); ``seen_ids``: one 1-D tensor of preceding token ids per row, needed only
     for a repetition penalty; ``generated_ids``: the same without the prompt's, needed only for
@@ -129,6 +132,8 @@ def process_logits(
         scores = apply_presence_frequency(
             scores, generated_ids, settings.presence_penalty, settings.frequency_penalty
         )
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     if not settings.do_sample:
         return scores
     scores = apply_temperature(scores, settings.temperature)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,6 +21,22 @@ class Choice:
     probs: torch.Tensor | None  # (V,) processed distribution; None for greedy
 
 
+class TokenConstraint(Protocol):
+    """Which tokens may follow a prefix (a grammar: :mod:`specdecode.constraints`)."""
+
+    def allowed(self, ids: Sequence[int], first: int, rows: int) -> torch.Tensor:
+        """Masks (rows, V), True where allowed; row i follows ``ids[: first + i]``."""
+        ...  # pragma: no cover - a protocol
+
+    def valid_prefix(self, ids: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of ``tokens``, following ``ids``, are allowed in a row."""
+        ...  # pragma: no cover - a protocol
+
+    def forced(self, ids: Sequence[int]) -> list[int]:
+        """Tokens that must follow ``ids`` whatever the model prefers (may be empty)."""
+        ...  # pragma: no cover - a protocol
+
+
 @dataclass
 class TokenSampler:
     """Applies :class:`SamplingSettings` to logits and picks tokens with ``generator``."""
@@ -27,6 +44,7 @@ class TokenSampler:
     settings: SamplingSettings
     generator: torch.Generator | None = None
     prompt_length: int = 0  # ids before the first generated one (presence/frequency count after)
+    constraint: TokenConstraint | None = None  # tokens outside it get -inf before truncation
 
     @property
     def greedy(self) -> bool:
@@ -36,7 +54,7 @@ class TokenSampler:
     def plain_argmax(self) -> bool:
         """Whether the choice is the argmax of the raw logits (greedy, nothing processing
         them), which the device can make without the host (``Session.greedy_extend``)."""
-        return self.greedy and not self.settings.shifts_logits
+        return self.greedy and not self.settings.shifts_logits and self.constraint is None
 
     def scores(self, logits: torch.Tensor, ids: Sequence[int], first: int) -> torch.Tensor:
         """Processed scores (N, V) for logits (N, V) whose row i follows ``ids[: first + i]``."""
@@ -47,7 +65,10 @@ class TokenSampler:
         if self.settings.presence_penalty != 0.0 or self.settings.frequency_penalty != 0.0:
             start = min(self.prompt_length, first)
             generated = [torch.tensor(ids[start : first + i], dtype=torch.long) for i in rows]
-        return process_logits(logits, seen, self.settings, generated)
+        allowed = None
+        if self.constraint is not None:
+            allowed = self.constraint.allowed(ids, first, logits.shape[0]).to(logits.device)
+        return process_logits(logits, seen, self.settings, generated, allowed)
 
     def choose(self, scores: torch.Tensor) -> Choice:
         """Pick one token from processed ``scores`` (V,)."""

@@ -1,0 +1,292 @@
+"""Grammars, and the constraint that follows one generation through a grammar.
+
+Constrained decoding replaces the target's distribution p(x | prefix) by p restricted to the
+tokens the grammar allows after that prefix (renormalised; greedy: the argmax among them). The
+mask is a function of the prefix alone, so it is one more logits processor: applied to each row
+of a verification pass (row i after the pending token and the first i drafted tokens), the
+verification rules keep the constrained target's output exactly, greedy or sampled; applied to
+the draft's own choices, it only raises acceptance (the draft never proposes what the target may
+not say). Drafts from elsewhere (prompt lookup) are cut before their first token the grammar
+refuses, which the target would reject anyway.
+
+The grammar engine is llguidance (the one llama.cpp and vLLM use): it compiles JSON schemas,
+regular expressions and Lark grammars against the tokenizer's vocabulary and computes a token
+mask in well under a millisecond; its matcher consumes tokens and rolls them back, which is
+what speculation needs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from specdecode.errors import GrammarError
+
+KINDS = ("json_object", "json_schema", "regex", "lark", "choice")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What the output may be. Build one with a class method:
+
+    - ``Grammar.json_object()``: any JSON object (the OpenAI API's ``json_object`` mode);
+    - ``Grammar.json_schema(schema)``: JSON valid under a JSON schema (a dict or its text);
+    - ``Grammar.regex(pattern)``: text matching a regular expression (Rust regex syntax, the
+      whole output);
+    - ``Grammar.lark(text)``: a Lark grammar (llguidance's dialect, ``start`` is the output);
+    - ``Grammar.choice(options)``: exactly one of the given strings.
+    """
+
+    kind: str
+    source: str  # the schema as JSON text, the pattern, the grammar, the options as a JSON list
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise GrammarError(f"unknown grammar kind {self.kind!r}: use one of {', '.join(KINDS)}")
+
+    @classmethod
+    def json_object(cls) -> Grammar:
+        return cls("json_object", "")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | bool | str) -> Grammar:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
+        if not isinstance(schema, Mapping | bool):
+            raise GrammarError(
+                f"a JSON schema is an object (or true/false), got {type(schema).__name__}"
+            )
+        # not sorted: the order of the schema's keys orders the output's properties
+        return cls("json_schema", json.dumps(schema))
+
+    @classmethod
+    def regex(cls, pattern: str) -> Grammar:
+        if not isinstance(pattern, str) or not pattern:
+            raise GrammarError(
+                "the regular expression is empty: give a pattern the output must match"
+            )
+        return cls("regex", pattern)
+
+    @classmethod
+    def lark(cls, text: str) -> Grammar:
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError("the Lark grammar is empty: give rules with a start rule")
+        return cls("lark", text)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> Grammar:
+        if isinstance(options, str) or not options:
+            raise GrammarError("choice needs a list of one or more strings to choose among")
+        if not all(isinstance(o, str) and o for o in options):
+            raise GrammarError("every choice must be a non-empty string")
+        return cls("choice", json.dumps(list(options)))
+
+    def llguidance_source(self) -> str:
+        """The grammar in llguidance's input form (not yet checked: see
+        :meth:`GrammarCompiler.check`)."""
+        from llguidance import LLMatcher
+
+        if self.kind == "json_object":
+            return str(LLMatcher.grammar_from_json_schema({"type": "object"}))
+        if self.kind == "json_schema":
+            return str(LLMatcher.grammar_from_json_schema(self.source))
+        if self.kind == "regex":
+            return str(LLMatcher.grammar_from_regex(self.source))
+        if self.kind == "lark":
+            return str(LLMatcher.grammar_from_lark(self.source))
+        options = json.loads(self.source)  # each a Lark string literal; JSON escapes are Lark's
+        return str(LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps, options))))
+
+    def describe(self) -> dict[str, Any]:
+        """For results and logs: the kind and the source (a schema or options as JSON)."""
+        if self.kind == "json_object":
+            return {"kind": self.kind}
+        parsed = self.kind in ("json_schema", "choice")
+        value: Any = json.loads(self.source) if parsed else self.source
+        return {"kind": self.kind, "source": value}
+
+
+class GrammarCompiler:
+    """Compiles grammars against one tokenizer and vocabulary size.
+
+    llguidance reads the whole vocabulary once (about a second for Qwen's 151k tokens); this
+    object keeps that reading, one per set of end-of-sequence ids, so that each generation only
+    compiles its grammar (milliseconds). Safe to share between threads.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._tokenizers: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def _ll_tokenizer(self, eos_ids: Sequence[int]) -> Any:
+        key = tuple(sorted(set(eos_ids)))
+        with self._lock:
+            if key not in self._tokenizers:
+                self._tokenizers[key] = self._read_vocabulary(key)
+            return self._tokenizers[key]
+
+    def _read_vocabulary(self, eos_ids: tuple[int, ...]) -> Any:
+        try:
+            import llguidance.hf
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise GrammarError(
+                "constrained output needs the llguidance package: pip install llguidance"
+            ) from exc
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise GrammarError(
+                f"constrained output needs a fast (tokenizers) tokenizer; "
+                f"{type(self.tokenizer).__name__} is not one: give the model a tokenizer.json"
+            )
+        try:
+            return llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=self.vocab_size, eos_token=list(eos_ids)
+            )
+        except Exception as exc:  # llguidance reports a vocabulary it cannot read as it likes
+            raise GrammarError(f"llguidance could not read this tokenizer: {exc}") from exc
+
+    def check(self, grammar: Grammar, eos_ids: Sequence[int]) -> str:
+        """The grammar in llguidance's form, or a :class:`GrammarError` saying what is wrong."""
+        from llguidance import LLMatcher
+
+        if not eos_ids:
+            raise GrammarError(
+                "constrained output needs an end-of-sequence token to end the output when the "
+                "grammar is complete, and this model has none: set eos_token_id"
+            )
+        try:
+            source = grammar.llguidance_source()
+        except Exception as exc:  # a schema llguidance's JSON compiler refuses
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {exc}") from exc
+        error = LLMatcher.validate_grammar(source, self._ll_tokenizer(eos_ids))
+        if error:
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {error.strip()}")
+        return source
+
+    def constraint(
+        self, grammar: Grammar, eos_ids: Sequence[int], prompt_length: int
+    ) -> GrammarConstraint:
+        """A fresh constraint for one generation whose prompt has ``prompt_length`` ids."""
+        from llguidance import LLMatcher
+
+        source = self.check(grammar, eos_ids)
+        matcher = LLMatcher(self._ll_tokenizer(eos_ids), source, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {matcher.get_error()}")
+        return GrammarConstraint(matcher, self.vocab_size, prompt_length, grammar, eos_ids)
+
+
+class GrammarConstraint:
+    """One generation's way through a grammar: which tokens may follow a prefix.
+
+    Every method takes the sequence it is asked about (prompt and generated ids) and first
+    brings the matcher to that sequence's generated part, rolling back what differs from the
+    last call (rejected drafts) and consuming what is new (accepted tokens), so callers need not
+    say what happened in between. It only ever consumes tokens the grammar allows, and never
+    consumes a draft for good: the matcher never enters its error state. An end-of-sequence
+    token ends the sequence: rows after one (a drafter that drafted past it) are unreachable,
+    and left all True.
+    """
+
+    def __init__(
+        self,
+        matcher: Any,
+        vocab_size: int,
+        prompt_length: int,
+        grammar: Grammar,
+        eos_ids: Sequence[int],
+    ) -> None:
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.prompt_length = prompt_length
+        self.grammar = grammar
+        self.eos_ids = frozenset(int(t) for t in eos_ids)
+        self._consumed: list[int] = []  # generated ids the matcher has consumed, in order
+        self._bits = torch.arange(8, dtype=torch.uint8)
+
+    def allowed(self, ids: Sequence[int], first: int, rows: int) -> torch.Tensor:
+        """Masks (rows, V), True where allowed, for rows whose row i follows ``ids[: first + i]``.
+
+        A row after a token the grammar refuses is all True: no verification reaches it (the
+        token before it is rejected, having probability 0 under the constrained target)."""
+        out = torch.ones(rows, self.vocab_size, dtype=torch.bool)
+        if not self._sync(ids[self.prompt_length : first]):
+            return out  # after an end of sequence
+        ahead = [int(t) for t in ids[first : first + rows - 1]]
+        valid = self.matcher.validate_tokens(ahead) if ahead else 0
+        valid = min(valid, self._eos_index(ahead))
+        for i in range(min(rows, valid + 1)):
+            out[i] = self._mask()
+            if i < valid:
+                self._consume([ahead[i]])
+        if valid:
+            self.matcher.rollback(valid)
+        return out
+
+    def valid_prefix(self, ids: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of ``tokens``, following ``ids``, the grammar allows in a row."""
+        if not tokens:
+            return 0
+        if not self._sync(ids[self.prompt_length :]):
+            return 0
+        return int(self.matcher.validate_tokens([int(t) for t in tokens]))
+
+    def forced(self, ids: Sequence[int]) -> list[int]:
+        """Tokens the grammar forces after ``ids`` whatever the model prefers (a JSON schema's
+        next key, say): a draft that costs nothing."""
+        if not self._sync(ids[self.prompt_length :]) or self.matcher.is_stopped():
+            return []
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
+
+    def _eos_index(self, tokens: Sequence[int]) -> int:
+        return next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+
+    def _sync(self, generated: Sequence[int]) -> bool:
+        """Bring the matcher to ``generated``; False if it holds an end of sequence (the
+        matcher then stands just before it)."""
+        done = self._consumed
+        common = min(len(done), len(generated))
+        if list(generated[:common]) != done[:common]:
+            common = next(i for i in range(common) if done[i] != generated[i])
+        if common < len(done):
+            self.matcher.rollback(len(done) - common)
+            del done[common:]
+        rest = [int(t) for t in generated[common:]]
+        end = self._eos_index(rest)
+        ended = end < len(rest)
+        rest = rest[:end]
+        if rest:
+            valid = self.matcher.validate_tokens(rest)
+            if valid < len(rest):
+                raise GrammarError(
+                    f"generated token {rest[valid]} breaks the {self.grammar.kind} grammar: "
+                    "a bug, since every generated token is chosen under its mask"
+                )
+            self._consume(rest)
+            done.extend(rest)
+        return not ended
+
+    def _consume(self, tokens: list[int]) -> None:
+        if not self.matcher.consume_tokens(tokens):  # validated first: never expected
+            raise GrammarError(f"the grammar matcher failed: {self.matcher.get_error()}")
+
+    def _mask(self) -> torch.Tensor:
+        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+        bits = ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size]
+        mask = bits.bool()
+        if not bool(mask.any()):
+            raise GrammarError(
+                f"the {self.grammar.kind} grammar allows no token here (after "
+                f"{len(self._consumed)} generated tokens): it asks for text this vocabulary "
+                "cannot write"
+            )
+        return mask
