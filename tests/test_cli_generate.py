@@ -85,6 +85,30 @@ def test_penalties_and_bias_reach_the_loop(capsys, tiny_dir):
     assert payload["token_ids"][0] == 42  # forced, then penalised: 100 - 0.5 per repeat
 
 
+def test_constrained_output_options(capsys, tiny_dir, tmp_path):
+    args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "40", "--json"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "yes.lark").write_text('start: "yes" | "no"')
+    for extra in (
+        ["--regex", r"[0-9]{2}x"],
+        ["--choice", "red", "--choice", "blue"],
+        ["--grammar", str(tmp_path / "yes.lark")],
+        ["--json-schema", str(tmp_path / "schema.json"), "--prompt-lookup"],
+        ["--json-schema", json.dumps(schema), "--draft", str(tiny_dir("qwen2", "perturbed"))],
+    ):
+        code, out, _ = run_cli(capsys, *args, *extra)
+        assert code == 0, extra
+        payload = json.loads(out)
+        kind = payload["settings"]["grammar"]["kind"]
+        if payload["finish_reason"] == "eos":
+            text = payload["text"]
+            assert {"regex": text[:2].isdigit(), "choice": text in ("red", "blue")}.get(kind, True)
+            assert kind != "lark" or text in ("yes", "no")
+    code, _, err = run_cli(capsys, *args, "--regex", "a", "--choice", "b")
+    assert code == 2 and "not allowed with" in err  # one constraint at a time
+
+
 def test_logprobs_in_json_and_as_a_table(capsys, tiny_dir):
     args = [PROMPT, "--target", str(tiny_dir("qwen2")), "--max-new-tokens", "6", "--logprobs", "2"]
     code, out, _ = run_cli(capsys, *args, "--prompt-lookup", "--json")
@@ -115,6 +139,9 @@ def test_logprobs_in_json_and_as_a_table(capsys, tiny_dir):
         (["--logit-bias", "x=1"], "ID=BIAS"),
         (["--logit-bias", "99999=1"], "outside"),
         (["--presence-penalty", "nan"], "presence_penalty"),
+        (["--regex", "(ab"], "unclosed group"),
+        (["--json-schema", "missing.json"], "cannot read"),
+        (["--json-schema", "{oops"], "not valid JSON"),
     ],
 )
 def test_bad_settings_are_clear_errors(capsys, tiny_dir, extra, message):

@@ -611,7 +611,7 @@ def test_a_busy_whole_response_still_notices_its_client_left() -> None:
         ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
         ("tool_choice", "required", "tool_choice"),
         ("functions", [{"name": "f"}], "functions"),
-        ("response_format", {"type": "json_object"}, "response_format"),
+        ("response_format", {"type": "xml"}, "response_format"),
         ("best_of", 3, "best_of"),
     ],
 )
@@ -643,6 +643,81 @@ def test_completion_fields_that_would_change_the_answer_are_refused(
     ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 3, field: value}
     expect_error(post(app, "/v1/completions", ask), 400, field)
     assert post(app, "/v1/completions", {**ask, field: None}).is_success
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_constrained_output_is_the_loops_under_the_grammar(
+    app: Any, generator: SpeculativeGenerator
+) -> None:
+    from specdecode.constraints import Grammar
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    whole = post(app, "/v1/chat/completions", chat_body(max_tokens=40, response_format=fmt))
+    assert whole.status_code == 200, whole.text
+    text = whole.json()["choices"][0]["message"]["content"]
+    ids = chat_ids(generator, USER)
+    loop = generator.generate(ids, max_new_tokens=40, grammar=Grammar.json_schema(SCHEMA))
+    assert text == loop.text
+    if loop.finish_reason == "eos":
+        assert set(json.loads(text)) == {"ok", "n"}
+    streamed = sse(
+        post(
+            app, "/v1/chat/completions", chat_body(max_tokens=40, response_format=fmt, stream=True)
+        )
+    )
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"])
+        == text
+    )
+    ask = {"model": MODEL, "prompt": "def f(", "max_tokens": 10}
+    for structured, check in [
+        ({"choice": ["alpha", "beta"]}, lambda t: t in ("alpha", "beta")),
+        ({"regex": "[0-9]{3}"}, lambda t: len(t) == 3 and t.isdigit()),
+        ({"grammar": 'start: "x" "y"+'}, lambda t: t.startswith("xy")),
+        ({"json_object": True}, lambda t: t.lstrip().startswith("{")),
+    ]:
+        answer = post(app, "/v1/completions", {**ask, "structured_outputs": structured})
+        assert answer.status_code == 200, answer.text
+        assert check(answer.json()["choices"][0]["text"]), (structured, answer.text)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs", "unclosed group"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "one of"),
+        (
+            {"structured_outputs": {"whitespace_pattern": " "}},
+            "structured_outputs",
+            "not supported",
+        ),
+        ({"structured_outputs": {"choice": "ab"}}, "structured_outputs.choice", "list of strings"),
+        ({"structured_outputs": {"grammar": 3}}, "structured_outputs.grammar", "string"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "schema"),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+            "send one",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "response_format",
+            "not usable",
+        ),
+    ],
+)
+def test_grammars_that_cannot_work_are_400s(
+    app: Any, fields: dict[str, Any], param: str, message: str
+) -> None:
+    error = expect_error(post(app, "/v1/chat/completions", chat_body(**fields)), 400, param)
+    assert message in error
 
 
 def test_penalties_and_bias_reach_the_loop(app: Any, generator: SpeculativeGenerator) -> None:

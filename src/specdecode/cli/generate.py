@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from specdecode.cli.common import (
@@ -16,8 +17,9 @@ from specdecode.cli.common import (
     load_target,
     sampling_kwargs,
 )
+from specdecode.constraints import Grammar
 from specdecode.decoding import FinishEvent, GenerationResult, SpeculativeGenerator, sample_seed
-from specdecode.errors import InvalidSettingsError, PromptError
+from specdecode.errors import GrammarError, InvalidSettingsError, PromptError
 
 HELP = "generate text from a prompt (greedy by default), optionally with a drafter"
 
@@ -64,7 +66,62 @@ def add_parser(sub: Any) -> None:
         "truncation) and its N most likely alternatives: in the JSON output with --json, "
         "else as a table on standard error after the text",
     )
+    add_grammar_args(p)
     p.set_defaults(run=run)
+
+
+def add_grammar_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "constrained output (one of; the output is the target's among what is allowed, "
+        "drafted or not)"
+    ).add_mutually_exclusive_group()
+    group.add_argument(
+        "--json-object", action="store_true", help="the output is one JSON object (any keys)"
+    )
+    group.add_argument(
+        "--json-schema",
+        metavar="SCHEMA",
+        help="the output is JSON valid under this JSON schema: a .json file or the schema itself",
+    )
+    group.add_argument(
+        "--regex", metavar="PATTERN", help="the whole output matches this regular expression"
+    )
+    group.add_argument(
+        "--grammar", metavar="FILE", help="the output follows this Lark grammar (a .lark file)"
+    )
+    group.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="the output is exactly one of these strings (repeat the option for each)",
+    )
+
+
+def grammar_from_args(args: argparse.Namespace) -> Grammar | None:
+    """The grammar the constrained-output options ask for, or None."""
+    if args.json_object:
+        return Grammar.json_object()
+    if args.json_schema is not None:
+        text = str(args.json_schema)
+        if not text.lstrip().startswith(("{", "true", "false")):
+            text = _read_text(text, "--json-schema")
+        return Grammar.json_schema(text)
+    if args.regex is not None:
+        return Grammar.regex(args.regex)
+    if args.grammar is not None:
+        return Grammar.lark(_read_text(args.grammar, "--grammar"))
+    if args.choice:
+        return Grammar.choice(args.choice)
+    return None
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GrammarError(
+            f"{option}: cannot read {path!r} ({exc.strerror}): give a file or the text itself"
+        ) from exc
 
 
 def penalty_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         raise PromptError("the prompt is empty: give some text to continue")
     target = load_target(args)
     generator = SpeculativeGenerator(target, build_drafter(args, target), build_schedule(args))
-    kwargs = {**sampling_kwargs(args), **penalty_kwargs(args)}
+    kwargs = {**sampling_kwargs(args), **penalty_kwargs(args), "grammar": grammar_from_args(args)}
     greedy = not args.temperature
     base_seed = args.seed if args.seed is not None else _fresh_seed()
     results: list[GenerationResult] = []

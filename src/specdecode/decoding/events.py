@@ -146,6 +146,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "seed": self.seed,
             "stats": self.stats.to_dict(),
+            "settings": self.settings,  # as resolved: the model's defaults filled in
         }
         if self.logprobs is not None:
             out["logprobs"] = [lp.to_dict() for lp in self.logprobs]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from specdecode.constraints import Grammar
 from specdecode.decoding import FinishEvent, GenerationResult, RoundEvent, SpeculativeGenerator
 from specdecode.errors import SpecDecodeError
 from specdecode.sampling import TokenLogprob
@@ -57,6 +58,7 @@ class GenerationOptions:
     seeded: bool = False
     logprobs: int | None = None  # alternatives per token (0: the chosen token's alone; None: off)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
+    grammar: Grammar | None = None  # constrained output (response_format, structured_outputs)
 
     def loop_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`SpeculativeGenerator.stream`."""
@@ -74,6 +76,7 @@ class GenerationOptions:
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": self.logit_bias or None,
             "stop_strings": list(self.stop),
+            "grammar": self.grammar,
         }
 
 

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from specdecode.constraints import Grammar
 from specdecode.decoding import SpeculativeGenerator, resolve_request, sample_seed
-from specdecode.errors import InvalidSettingsError, PromptError
+from specdecode.errors import GrammarError, InvalidSettingsError, PromptError
 from specdecode.sampling.settings import as_logit_bias
 from specdecode.server.engine import ChoiceSpec, GenerationOptions, JobSpec
 from specdecode.server.errors import bad_request, model_not_found
@@ -164,7 +165,9 @@ class RequestPlanner:
             raise bad_request("the prompt is empty: give some text to continue", param)
         prompts = [self._check_ids(ids, param) for ids in prompts]
         options = self._options(body, max_tokens, logprobs)
-        self._check_options(options, max(len(ids) for ids in prompts))
+        formatted = (body.response_format or {}).get("type", "text") != "text"
+        param = "response_format" if formatted else "structured_outputs"
+        self._check_options(options, max(len(ids) for ids in prompts), param)
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
         choices = tuple(
             ChoiceSpec(index=p * body.n + i, prompt_ids=tuple(ids), seed=sample_seed(base_seed, i))
@@ -213,19 +216,32 @@ class RequestPlanner:
             seeded=body.seed is not None,
             logprobs=logprobs,
             prompt_logprobs=logprobs if getattr(body, "echo", False) else None,
+            grammar=requested_grammar(body),
         )
 
-    def _check_options(self, options: GenerationOptions, prompt_length: int) -> None:
-        """Resolve the options as the loop will, so that bad values fail now with a 400."""
+    def _check_options(
+        self, options: GenerationOptions, prompt_length: int, grammar_param: str
+    ) -> None:
+        """Resolve the options as the loop will, so that bad values fail now with a 400
+        (``grammar_param``: the field a grammar came from)."""
         kwargs: dict[str, Any] = options.loop_kwargs()
         kwargs.pop("logprobs")  # output options, checked by the schema
+        grammar = kwargs.pop("grammar")
         scores_prompt = kwargs.pop("prompt_logprobs") is not None
         try:
-            resolve_request(
+            request = resolve_request(
                 self.generator.target, prompt_length, scores_prompt=scores_prompt, **kwargs
             )
         except InvalidSettingsError as exc:
             raise bad_request(str(exc)) from exc
+        if grammar is None:
+            return
+        try:  # the first grammar reads the vocabulary (about a second for 150k tokens)
+            with self._lock:
+                compiler = self.generator.grammar_compiler()
+                compiler.check(grammar, sorted(request.eos_token_ids))
+        except GrammarError as exc:
+            raise bad_request(str(exc), grammar_param) from exc
 
 
 _NO_TOOLS = (
@@ -241,13 +257,6 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise bad_request(
             "best_of is not supported: ask for n choices and pick among them", "best_of"
         )
-    kind = (body.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise bad_request(
-            f"response_format {kind!r} is not supported: this server does not constrain the "
-            "output to JSON; drop response_format and ask for JSON in the prompt",
-            "response_format",
-        )
     if isinstance(body, ChatCompletionRequest):
         if body.tools or body.functions:
             raise bad_request(_NO_TOOLS, "tools" if body.tools else "functions")
@@ -257,6 +266,84 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
         return
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
+
+
+_STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def requested_grammar(body: GenerationFields) -> Grammar | None:
+    """The grammar a request constrains its output to: OpenAI's ``response_format`` or vLLM's
+    ``structured_outputs`` (one of them; a 400 saying what is wrong otherwise)."""
+    grammar = _response_format(body.response_format)
+    structured = _structured_outputs(body.structured_outputs)
+    if grammar is not None and structured is not None:
+        raise bad_request(
+            "response_format and structured_outputs both constrain the output: send one",
+            "structured_outputs",
+        )
+    return grammar or structured
+
+
+def _response_format(value: dict[str, Any] | None) -> Grammar | None:
+    kind = (value or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    if kind != "json_schema":
+        raise bad_request(
+            f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+            "response_format",
+        )
+    spec = (value or {}).get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise bad_request(
+            'response_format json_schema needs {"json_schema": {"name": ..., "schema": '
+            "{...}}} with the schema as an object",
+            "response_format",
+        )
+    return _build(Grammar.json_schema, schema, "response_format")
+
+
+def _structured_outputs(value: dict[str, Any] | None) -> Grammar | None:
+    if not value:
+        return None
+    given = [key for key, item in value.items() if item not in (None, False)]
+    unknown = [key for key in given if key not in _STRUCTURED]
+    if unknown:
+        raise bad_request(
+            f"structured_outputs.{unknown[0]} is not supported: use one of "
+            f"{', '.join(_STRUCTURED)}",
+            "structured_outputs",
+        )
+    if len(given) != 1:
+        raise bad_request(
+            f"structured_outputs takes exactly one of {', '.join(_STRUCTURED)}, got "
+            f"{', '.join(given) or 'none'}",
+            "structured_outputs",
+        )
+    key = given[0]
+    item = value[key]
+    param = f"structured_outputs.{key}"
+    if key == "json_object":
+        return Grammar.json_object()
+    if key == "json":
+        return _build(Grammar.json_schema, item, param)
+    if key == "choice":
+        if not isinstance(item, list) or not all(isinstance(c, str) for c in item):
+            raise bad_request("structured_outputs.choice is a list of strings", param)
+        return _build(Grammar.choice, item, param)
+    if not isinstance(item, str):
+        raise bad_request(f"{param} is a string", param)
+    return _build(Grammar.regex if key == "regex" else Grammar.lark, item, param)
+
+
+def _build(make: Any, value: Any, param: str) -> Grammar:
+    try:
+        return make(value)  # type: ignore[no-any-return]
+    except GrammarError as exc:
+        raise bad_request(str(exc), param) from exc
 
 
 def _text(value: str, param: str) -> str:

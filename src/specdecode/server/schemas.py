@@ -58,10 +58,14 @@ class GenerationFields(_Request):
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # constrained output: OpenAI's {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"schema": ...}}; vLLM's {"json": ...}, {"regex": ...}, {"choice": [...]},
+    # {"grammar": ...} (Lark) or {"json_object": true} (planning.py turns them into a Grammar)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     # Known and refused when set to anything that would change the answer (planning.py):
     # silently ignoring them would give a client an answer to another question.
     best_of: int | None = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
