@@ -10,6 +10,7 @@ Quick start::
     print(gen.generate("def fib(n):", max_new_tokens=64).text)
 """
 
+from specdecode.constraints import Grammar
 from specdecode.decoding import (
     FinishEvent,
     GenerationResult,
@@ -28,6 +29,7 @@ from specdecode.drafters import (
     PromptLookupDrafter,
 )
 from specdecode.errors import (
+    GrammarError,
     InvalidSettingsError,
     ModelLoadError,
     PromptError,
@@ -48,6 +50,8 @@ __all__ = [
     "FixedLength",
     "GenerationResult",
     "GenerationStats",
+    "Grammar",
+    "GrammarError",
     "HeuristicLength",
     "InvalidSettingsError",
     "LoadedModel",

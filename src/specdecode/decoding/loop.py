@@ -197,8 +197,9 @@ class SpeculativeGenerator:
         (the default) is seeded when ``seed`` is given, rejection otherwise.
 
         ``logprobs``: give each new token's log-probability under the target's raw distribution
-        (before any penalty, temperature or truncation) and this many most likely alternatives
-        (0: the chosen token's alone), in ``RoundEvent.logprobs`` and ``GenerationResult.logprobs``.
+        (before any penalty, grammar, temperature or truncation) and this many most likely
+        alternatives (0: the chosen token's alone), in ``RoundEvent.logprobs`` and
+        ``GenerationResult.logprobs``.
         Read from the passes that chose the tokens: no extra pass. ``prompt_logprobs``: the same
         for the prompt's tokens (each after the first, given those before it), in the first
         ``RoundEvent`` and ``GenerationResult.prompt_logprobs``: the prefill then computes the
