@@ -17,6 +17,8 @@ import torch
 from specdecode import ModelDrafter, PromptLookupDrafter, SpeculativeGenerator
 from specdecode.constraints import Grammar, GrammarCompiler
 from specdecode.errors import GrammarError, InvalidSettingsError
+from specdecode.models import load_model
+from specdecode.testing import make_tiny_model, tiny_tokenizer
 
 from .test_sampling_exact import N, _check
 
@@ -200,3 +202,53 @@ def test_sampled_pairs_follow_the_constrained_distribution(tiny) -> None:
         drafted += result.stats.drafted
     assert drafted > N // 4, "too few verification rounds to test anything"
     _check(counts, joint)
+
+
+def test_grammars_that_cannot_work_fail_clearly_before_or_while_generating(tiny) -> None:
+    target = tiny("qwen2")
+    compiler = SpeculativeGenerator(target).grammar_compiler()
+    eos = [target.tokenizer.eos_token_id]
+    # an empty language: llguidance builds it, then nothing can begin it
+    with pytest.raises(GrammarError, match="no output can even begin"):
+        compiler.check(Grammar.regex("x[a&&b]"), eos)
+    # text only a special token spells: llguidance's mask allows it, its matcher refuses it
+    with pytest.raises(GrammarError, match="special token"):
+        compiler.check(Grammar.regex(r"<\|im_end\|>"), eos)
+    # a language that empties midway: an error where it happens, not an early end of sequence
+    midway = Grammar.lark('start: "ab" /[0-9&&a-z]+/')
+    compiler.check(midway, eos)
+    with pytest.raises(GrammarError, match="failed after 2 generated tokens"):
+        SpeculativeGenerator(target).generate(PROMPT, max_new_tokens=8, grammar=midway)
+
+
+def test_stop_tokens_end_a_complete_grammar_with_one_vocabulary_reading(tiny) -> None:
+    target = tiny("qwen2")
+    gen = SpeculativeGenerator(target, PromptLookupDrafter(), draft_length=3)
+    grammar = Grammar.regex("[a-d]{2}")
+    # <|im_end|> as a stop string joins the end-of-sequence ids: it may end the answer, and the
+    # tokenizer's own EOS, which this request leaves out, may not
+    result = gen.generate(
+        PROMPT, max_new_tokens=6, grammar=grammar, eos_token_id=[], stop=["<|im_end|>"]
+    )
+    assert result.token_ids[-1] == 2 and result.finish_reason == "eos"
+    assert re.fullmatch("[a-d]{2}", result.text)
+    compiler = gen.grammar_compiler()
+    reading = compiler.ll_tokenizer()
+    gen.generate(PROMPT, max_new_tokens=6, grammar=grammar)
+    assert compiler.ll_tokenizer() is reading  # one reading whatever the request's ends
+
+
+@pytest.mark.parametrize("padded", ["draft", "target"])
+def test_a_draft_with_another_padded_vocabulary_under_a_grammar(tmp_path, tiny, padded) -> None:
+    folder = tmp_path / "padded"
+    make_tiny_model(folder, "llama", seed=5, vocab_size=384)  # same tokens, a wider matrix
+    tiny_tokenizer(320).save_pretrained(folder)
+    wide = load_model(folder, device="cpu")
+    target, draft = (tiny("llama"), wide) if padded == "draft" else (wide, tiny("llama"))
+    grammar = Grammar.regex(r"[a-c]{3}-\d")
+    drafted = SpeculativeGenerator(target, ModelDrafter(draft), 3).generate(
+        PROMPT, max_new_tokens=10, grammar=grammar
+    )
+    plain = SpeculativeGenerator(target).generate(PROMPT, max_new_tokens=10, grammar=grammar)
+    assert drafted.token_ids == plain.token_ids and drafted.stats.drafted > 0
+    assert re.fullmatch(r"[a-c]{3}-\d", drafted.text)

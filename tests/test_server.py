@@ -682,10 +682,14 @@ def test_constrained_output_is_the_loops_under_the_grammar(
         ({"regex": "[0-9]{3}"}, lambda t: len(t) == 3 and t.isdigit()),
         ({"grammar": 'start: "x" "y"+'}, lambda t: t.startswith("xy")),
         ({"json_object": True}, lambda t: t.lstrip().startswith("{")),
+        ({"json": True}, lambda t: bool(t)),  # a boolean schema: any JSON value
     ]:
         answer = post(app, "/v1/completions", {**ask, "structured_outputs": structured})
         assert answer.status_code == 200, answer.text
         assert check(answer.json()["choices"][0]["text"]), (structured, answer.text)
+    # vLLM's older names for the same fields
+    guided = post(app, "/v1/completions", {**ask, "guided_choice": ["alpha", "beta"]})
+    assert guided.json()["choices"][0]["text"] in ("alpha", "beta")
 
 
 @pytest.mark.parametrize(
@@ -711,6 +715,13 @@ def test_constrained_output_is_the_loops_under_the_grammar(
             "response_format",
             "not usable",
         ),
+        ({"structured_outputs": {"regex": "x[a&&b]"}}, "structured_outputs", "can even begin"),
+        (
+            {"guided_regex": "a", "structured_outputs": {"regex": "b"}},
+            "structured_outputs",
+            "older",
+        ),
+        ({"guided_whitespace_pattern": " "}, "structured_outputs", "not supported"),
     ],
 )
 def test_grammars_that_cannot_work_are_400s(

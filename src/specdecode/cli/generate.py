@@ -157,9 +157,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise PromptError("the prompt is empty: give some text to continue")
+    grammar = grammar_from_args(args)  # a bad schema file fails before the model loads
     target = load_target(args)
     generator = SpeculativeGenerator(target, build_drafter(args, target), build_schedule(args))
-    kwargs = {**sampling_kwargs(args), **penalty_kwargs(args), "grammar": grammar_from_args(args)}
+    kwargs = {**sampling_kwargs(args), **penalty_kwargs(args), "grammar": grammar}
     greedy = not args.temperature
     base_seed = args.seed if args.seed is not None else _fresh_seed()
     results: list[GenerationResult] = []

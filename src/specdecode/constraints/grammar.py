@@ -64,8 +64,10 @@ class Grammar:
             raise GrammarError(
                 f"a JSON schema is an object (or true/false), got {type(schema).__name__}"
             )
-        # not sorted: the order of the schema's keys orders the output's properties
-        return cls("json_schema", json.dumps(schema))
+        try:  # not sorted: the order of the schema's keys orders the output's properties
+            return cls("json_schema", json.dumps(schema, allow_nan=False))
+        except (TypeError, ValueError) as exc:  # a set, a NaN: not JSON
+            raise GrammarError(f"the JSON schema cannot be written as JSON: {exc}") from exc
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:
@@ -117,25 +119,34 @@ class Grammar:
 class GrammarCompiler:
     """Compiles grammars against one tokenizer and vocabulary size.
 
-    llguidance reads the whole vocabulary once (about a second for Qwen's 151k tokens); this
-    object keeps that reading, one per set of end-of-sequence ids, so that each generation only
-    compiles its grammar (milliseconds). Safe to share between threads.
+    llguidance reads the whole vocabulary once (about a second and 100 MB for Qwen's 151k
+    tokens); this object keeps that one reading, and the compiled form of recent grammars, so
+    that a generation only builds its matcher (milliseconds). A request's own end-of-sequence
+    ids (the model's, or special tokens given as stop strings) are mapped onto the reading's by
+    each :class:`GrammarConstraint`, so they never cost another. Safe to share between threads.
     """
+
+    CACHED_GRAMMARS = 64
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._tokenizers: dict[tuple[int, ...], Any] = {}
+        self._ll: Any = None
+        self._sources: dict[Grammar, str] = {}
         self._lock = threading.Lock()
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._special = sorted(
+            int(i) for i, t in added.items() if getattr(t, "special", False) and i < vocab_size
+        )
 
-    def _ll_tokenizer(self, eos_ids: Sequence[int]) -> Any:
-        key = tuple(sorted(set(eos_ids)))
+    def ll_tokenizer(self) -> Any:
+        """llguidance's reading of the vocabulary (made at the first call)."""
         with self._lock:
-            if key not in self._tokenizers:
-                self._tokenizers[key] = self._read_vocabulary(key)
-            return self._tokenizers[key]
+            if self._ll is None:
+                self._ll = self._read_vocabulary()
+            return self._ll
 
-    def _read_vocabulary(self, eos_ids: tuple[int, ...]) -> Any:
+    def _read_vocabulary(self) -> Any:
         try:
             import llguidance.hf
         except ImportError as exc:  # pragma: no cover - a core dependency
@@ -147,15 +158,52 @@ class GrammarCompiler:
                 f"constrained output needs a fast (tokenizers) tokenizer; "
                 f"{type(self.tokenizer).__name__} is not one: give the model a tokenizer.json"
             )
+        eos = getattr(self.tokenizer, "eos_token_id", None)
         try:
             return llguidance.hf.from_tokenizer(
-                self.tokenizer, n_vocab=self.vocab_size, eos_token=list(eos_ids)
+                self.tokenizer, n_vocab=self.vocab_size, eos_token=eos
             )
         except Exception as exc:  # llguidance reports a vocabulary it cannot read as it likes
             raise GrammarError(f"llguidance could not read this tokenizer: {exc}") from exc
 
     def check(self, grammar: Grammar, eos_ids: Sequence[int]) -> str:
-        """The grammar in llguidance's form, or a :class:`GrammarError` saying what is wrong."""
+        """The grammar in llguidance's form, or a :class:`GrammarError` saying what is wrong:
+        a grammar llguidance refuses, or one that cannot even begin (an empty language, text
+        only a special token spells)."""
+        try:
+            self.constraint(grammar, eos_ids, 0)._mask()
+        except GrammarError as exc:
+            if "not usable" in str(exc):
+                raise
+            raise GrammarError(
+                f"the {grammar.kind} grammar is not usable: no output can even begin ({exc})"
+            ) from exc
+        return self._source(grammar)
+
+    def _source(self, grammar: Grammar) -> str:
+        from llguidance import LLMatcher
+
+        with self._lock:
+            if grammar in self._sources:
+                return self._sources[grammar]
+        try:
+            source = grammar.llguidance_source()
+        except Exception as exc:  # a schema llguidance's JSON compiler refuses
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {exc}") from exc
+        error = LLMatcher.validate_grammar(source, self.ll_tokenizer())
+        if error:
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {error.strip()}")
+        with self._lock:
+            if len(self._sources) >= self.CACHED_GRAMMARS:
+                self._sources.clear()
+            self._sources[grammar] = source
+        return source
+
+    def constraint(
+        self, grammar: Grammar, eos_ids: Sequence[int], prompt_length: int
+    ) -> GrammarConstraint:
+        """A fresh constraint for one generation whose prompt has ``prompt_length`` ids and
+        which ends at any of ``eos_ids``."""
         from llguidance import LLMatcher
 
         if not eos_ids:
@@ -163,26 +211,27 @@ class GrammarCompiler:
                 "constrained output needs an end-of-sequence token to end the output when the "
                 "grammar is complete, and this model has none: set eos_token_id"
             )
-        try:
-            source = grammar.llguidance_source()
-        except Exception as exc:  # a schema llguidance's JSON compiler refuses
-            raise GrammarError(f"the {grammar.kind} grammar is not usable: {exc}") from exc
-        error = LLMatcher.validate_grammar(source, self._ll_tokenizer(eos_ids))
-        if error:
-            raise GrammarError(f"the {grammar.kind} grammar is not usable: {error.strip()}")
-        return source
-
-    def constraint(
-        self, grammar: Grammar, eos_ids: Sequence[int], prompt_length: int
-    ) -> GrammarConstraint:
-        """A fresh constraint for one generation whose prompt has ``prompt_length`` ids."""
-        from llguidance import LLMatcher
-
-        source = self.check(grammar, eos_ids)
-        matcher = LLMatcher(self._ll_tokenizer(eos_ids), source, log_level=0)
+        ll = self.ll_tokenizer()
+        matcher = LLMatcher(ll, self._source(grammar), log_level=0)
         if matcher.is_error():
-            raise GrammarError(f"the {grammar.kind} grammar is not usable: {matcher.get_error()}")
-        return GrammarConstraint(matcher, self.vocab_size, prompt_length, grammar, eos_ids)
+            raise GrammarError(f"the {grammar.kind} grammar is not usable: {_first_line(matcher)}")
+        ends = Ends(frozenset(int(t) for t in eos_ids), tuple(int(t) for t in ll.eos_tokens))
+        return GrammarConstraint(
+            matcher, self.vocab_size, prompt_length, grammar, ends, self._special
+        )
+
+
+@dataclass(frozen=True)
+class Ends:
+    """The ids that end a generation (``request``: the loop's end-of-sequence ids) and the ones
+    llguidance's vocabulary reading knows as such (``matcher``)."""
+
+    request: frozenset[int]
+    matcher: tuple[int, ...]
+
+    @property
+    def all(self) -> frozenset[int]:
+        return self.request | frozenset(self.matcher)
 
 
 class GrammarConstraint:
@@ -191,10 +240,12 @@ class GrammarConstraint:
     Every method takes the sequence it is asked about (prompt and generated ids) and first
     brings the matcher to that sequence's generated part, rolling back what differs from the
     last call (rejected drafts) and consuming what is new (accepted tokens), so callers need not
-    say what happened in between. It only ever consumes tokens the grammar allows, and never
-    consumes a draft for good: the matcher never enters its error state. An end-of-sequence
-    token ends the sequence: rows after one (a drafter that drafted past it) are unreachable,
-    and left all True.
+    say what happened in between. It only consumes tokens the grammar allows and never keeps a
+    draft. An end-of-sequence id ends the sequence: where the grammar is complete, the mask
+    allows the request's end-of-sequence ids (and no others); rows after one (a drafter that
+    drafted past it) are unreachable and left all True. llguidance can still fail on a grammar
+    midway (a recursion that never ends hits its parser's limits): that is a
+    :class:`GrammarError` with its first line.
     """
 
     def __init__(
@@ -203,13 +254,19 @@ class GrammarConstraint:
         vocab_size: int,
         prompt_length: int,
         grammar: Grammar,
-        eos_ids: Sequence[int],
+        ends: Ends,
+        special: Sequence[int] = (),
     ) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.prompt_length = prompt_length
         self.grammar = grammar
-        self.eos_ids = frozenset(int(t) for t in eos_ids)
+        self.ends = ends
+        self._stops = ends.all
+        self._request_ends = torch.tensor(sorted(ends.request), dtype=torch.long)
+        self._matcher_ends = torch.tensor(ends.matcher, dtype=torch.long)
+        # special tokens other than the ends: llguidance may allow one its matcher then refuses
+        self._special = torch.tensor([t for t in special if t not in self._stops], dtype=torch.long)
         self._consumed: list[int] = []  # generated ids the matcher has consumed, in order
         self._bits = torch.arange(8, dtype=torch.uint8)
 
@@ -223,7 +280,7 @@ class GrammarConstraint:
             return out  # after an end of sequence
         ahead = [int(t) for t in ids[first : first + rows - 1]]
         valid = self.matcher.validate_tokens(ahead) if ahead else 0
-        valid = min(valid, self._eos_index(ahead))
+        valid = min(valid, self._end_index(ahead))
         for i in range(min(rows, valid + 1)):
             out[i] = self._mask()
             if i < valid:
@@ -233,22 +290,28 @@ class GrammarConstraint:
         return out
 
     def valid_prefix(self, ids: Sequence[int], tokens: Sequence[int]) -> int:
-        """How many of ``tokens``, following ``ids``, the grammar allows in a row."""
-        if not tokens:
+        """How many of ``tokens``, following ``ids``, the grammar allows in a row (an
+        end-of-sequence id where the grammar is complete included, and nothing after it)."""
+        if not tokens or not self._sync(ids[self.prompt_length :]):
             return 0
-        if not self._sync(ids[self.prompt_length :]):
-            return 0
-        return int(self.matcher.validate_tokens([int(t) for t in tokens]))
+        tokens = [int(t) for t in tokens]
+        end = self._end_index(tokens)
+        valid = int(self.matcher.validate_tokens(tokens[:end]))
+        if valid < end or end == len(tokens) or tokens[end] not in self.ends.request:
+            return valid
+        return end + int(self._accepting(tokens[:end]))
 
-    def forced(self, ids: Sequence[int]) -> list[int]:
-        """Tokens the grammar forces after ``ids`` whatever the model prefers (a JSON schema's
-        next key, say): a draft that costs nothing."""
-        if not self._sync(ids[self.prompt_length :]) or self.matcher.is_stopped():
-            return []
-        return [int(t) for t in self.matcher.compute_ff_tokens()]
+    def _accepting(self, tokens: list[int]) -> bool:
+        """Whether the grammar is complete after ``tokens`` (allowed: checked by the caller)."""
+        self._consume(tokens)
+        try:
+            return bool(self.matcher.is_accepting())
+        finally:
+            if tokens:
+                self.matcher.rollback(len(tokens))
 
-    def _eos_index(self, tokens: Sequence[int]) -> int:
-        return next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+    def _end_index(self, tokens: Sequence[int]) -> int:
+        return next((i for i, t in enumerate(tokens) if t in self._stops), len(tokens))
 
     def _sync(self, generated: Sequence[int]) -> bool:
         """Bring the matcher to ``generated``; False if it holds an end of sequence (the
@@ -261,32 +324,51 @@ class GrammarConstraint:
             self.matcher.rollback(len(done) - common)
             del done[common:]
         rest = [int(t) for t in generated[common:]]
-        end = self._eos_index(rest)
+        end = self._end_index(rest)
         ended = end < len(rest)
         rest = rest[:end]
         if rest:
             valid = self.matcher.validate_tokens(rest)
             if valid < len(rest):
                 raise GrammarError(
-                    f"generated token {rest[valid]} breaks the {self.grammar.kind} grammar: "
-                    "a bug, since every generated token is chosen under its mask"
+                    f"token {rest[valid]} breaks the {self.grammar.kind} grammar: the sequence "
+                    "asked about does not follow it"
                 )
             self._consume(rest)
             done.extend(rest)
         return not ended
 
     def _consume(self, tokens: list[int]) -> None:
-        if not self.matcher.consume_tokens(tokens):  # validated first: never expected
-            raise GrammarError(f"the grammar matcher failed: {self.matcher.get_error()}")
+        if tokens and not self.matcher.consume_tokens(tokens):
+            raise GrammarError(
+                f"the {self.grammar.kind} grammar failed after {len(self._consumed)} generated "
+                f"tokens: {_first_line(self.matcher)}"
+            )
 
     def _mask(self) -> torch.Tensor:
         packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        bits = ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size]
-        mask = bits.bool()
+        if self.matcher.is_error():
+            raise GrammarError(
+                f"the {self.grammar.kind} grammar failed after {len(self._consumed)} generated "
+                f"tokens: {_first_line(self.matcher)}"
+            )
+        mask = ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size].bool()
+        complete = bool(mask[self._matcher_ends].any()) if len(self._matcher_ends) else False
+        mask[self._matcher_ends] = False
+        mask[self._request_ends] = complete  # the loop's own ends, and only where allowed
+        for token in self._special[mask[self._special]].tolist():
+            if not self.matcher.validate_tokens([token]):  # allowed, yet refused when consumed
+                mask[token] = False
         if not bool(mask.any()):
             raise GrammarError(
-                f"the {self.grammar.kind} grammar allows no token here (after "
-                f"{len(self._consumed)} generated tokens): it asks for text this vocabulary "
-                "cannot write"
+                f"the {self.grammar.kind} grammar allows no token after {len(self._consumed)} "
+                "generated tokens: it asks for text this vocabulary cannot write (or that only "
+                "a special token spells)"
             )
         return mask
+
+
+def _first_line(matcher: Any) -> str:
+    """llguidance's error, its first line (the rest is parser state), at most 300 characters."""
+    text = str(matcher.get_error()).strip().splitlines()
+    return (text[0] if text else "unknown error")[:300]

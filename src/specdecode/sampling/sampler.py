@@ -32,10 +32,6 @@ class TokenConstraint(Protocol):
         """How many of ``tokens``, following ``ids``, are allowed in a row."""
         ...  # pragma: no cover - a protocol
 
-    def forced(self, ids: Sequence[int]) -> list[int]:
-        """Tokens that must follow ``ids`` whatever the model prefers (may be empty)."""
-        ...  # pragma: no cover - a protocol
-
 
 @dataclass
 class TokenSampler:
@@ -67,7 +63,7 @@ class TokenSampler:
             generated = [torch.tensor(ids[start : first + i], dtype=torch.long) for i in rows]
         allowed = None
         if self.constraint is not None:
-            allowed = self.constraint.allowed(ids, first, logits.shape[0]).to(logits.device)
+            allowed = _fit(self.constraint.allowed(ids, first, logits.shape[0]), logits)
         return process_logits(logits, seen, self.settings, generated, allowed)
 
     def choose(self, scores: torch.Tensor) -> Choice:
@@ -79,3 +75,16 @@ class TokenSampler:
 
     def _gen_device(self) -> torch.device:
         return self.generator.device if self.generator is not None else torch.device("cpu")
+
+
+def _fit(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``mask`` (N, V_p: the target's vocabulary) for ``logits`` (N, V) of another width: a draft
+    model whose embedding matrix is padded to another size. Ids beyond the target's are not
+    allowed (the target has no such token)."""
+    width = logits.shape[-1]
+    if mask.shape[-1] > width:
+        mask = mask[:, :width]
+    elif mask.shape[-1] < width:
+        pad = torch.zeros(mask.shape[0], width - mask.shape[-1], dtype=torch.bool)
+        mask = torch.cat([mask, pad], dim=-1)
+    return mask.to(logits.device)

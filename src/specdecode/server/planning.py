@@ -275,13 +275,37 @@ def requested_grammar(body: GenerationFields) -> Grammar | None:
     """The grammar a request constrains its output to: OpenAI's ``response_format`` or vLLM's
     ``structured_outputs`` (one of them; a 400 saying what is wrong otherwise)."""
     grammar = _response_format(body.response_format)
-    structured = _structured_outputs(body.structured_outputs)
+    structured = _structured_outputs(_with_guided(body))
     if grammar is not None and structured is not None:
         raise bad_request(
             "response_format and structured_outputs both constrain the output: send one",
             "structured_outputs",
         )
     return grammar or structured
+
+
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "guided_whitespace_pattern": "whitespace_pattern",
+}
+
+
+def _with_guided(body: GenerationFields) -> dict[str, Any] | None:
+    """``structured_outputs``, or vLLM's older ``guided_*`` fields under its names."""
+    guided = {new: getattr(body, old) for old, new in _GUIDED.items()}
+    guided = {key: value for key, value in guided.items() if value is not None}
+    if not guided:
+        return body.structured_outputs
+    if body.structured_outputs:
+        raise bad_request(
+            "structured_outputs and guided_* fields both constrain the output: send "
+            "structured_outputs alone (vLLM's guided_* fields are its older names)",
+            "structured_outputs",
+        )
+    return guided
 
 
 def _response_format(value: dict[str, Any] | None) -> Grammar | None:
@@ -297,7 +321,7 @@ def _response_format(value: dict[str, Any] | None) -> Grammar | None:
         )
     spec = (value or {}).get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict | bool):
         raise bad_request(
             'response_format json_schema needs {"json_schema": {"name": ..., "schema": '
             "{...}}} with the schema as an object",

@@ -63,6 +63,13 @@ class GenerationFields(_Request):
     # {"grammar": ...} (Lark) or {"json_object": true} (planning.py turns them into a Grammar)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's fields before structured_outputs (removed in its 0.12), taken as their new names
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # refused: llguidance's JSON whitespace is fixed
+    guided_decoding_backend: str | None = None  # ignored: there is one backend
     # Known and refused when set to anything that would change the answer (planning.py):
     # silently ignoring them would give a client an answer to another question.
     best_of: int | None = None
