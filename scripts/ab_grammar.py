@@ -9,6 +9,8 @@ prompt in a rotated order, greedy, under the same JSON schema:
   kernels (what a transformers user runs);
 - ``hf-constrained``: the same on our oneDNN-packed weights (the reference for the ratios: it
   leaves only the loop and the speculation between it and ours);
+- ``hf-assisted-constrained-torch``: transformers' assisted generation with the same int8
+  draft model and the processor (on the target's and the draft's logits), torch's kernels;
 - ``ours-plain``: our loop without a drafter, under ``grammar=``;
 - ``ours-draft``: our loop with the int8 draft model (the CLI's default), under ``grammar=``;
 - ``ours-draft-free``: the same without a grammar (what the constraint costs our loop).
@@ -72,24 +74,28 @@ PROMPTS = [
 
 
 class ReferenceProcessor:
-    """transformers' logits-processor form of the constraint: llguidance fed each new token."""
+    """transformers' logits-processor form of the constraint: llguidance, reset and fed the
+    generated tokens of each prefix it is asked about (so that assisted generation, which asks
+    about drafted prefixes and rolls them back, can use it too)."""
 
-    def __init__(self, tokenizer: Any, grammar: Grammar, vocab: int, eos: list[int]) -> None:
-        ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
-        self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar.llguidance_source())
+    def __init__(self, ll_tokenizer: Any, source: str, vocab: int, prompt_length: int) -> None:
+        self.matcher = llguidance.LLMatcher(ll_tokenizer, source)
         self.vocab = vocab
-        self.start: int | None = None
+        self.prompt_length = prompt_length
         self.bits = torch.arange(8, dtype=torch.uint8)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[1]
-        if self.start is None:
-            self.start = length
-        elif length > self.start:
-            assert self.matcher.consume_token(int(input_ids[0, -1]))
-        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        mask = ((packed.unsqueeze(-1) >> self.bits) & 1).flatten()[: self.vocab].bool()
-        return scores.masked_fill(~mask.to(scores.device), float("-inf"))
+        rows = []
+        for ids in input_ids.tolist():
+            self.matcher.reset()
+            generated = ids[self.prompt_length :]
+            if generated and not self.matcher.consume_tokens(generated):
+                rows.append(torch.ones(scores.shape[-1], dtype=torch.bool))  # unreachable prefix
+                continue
+            packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+            rows.append(((packed.unsqueeze(-1) >> self.bits) & 1).flatten()[: self.vocab].bool())
+        mask = torch.stack(rows).to(scores.device)
+        return scores.masked_fill(~mask, float("-inf"))
 
 
 def timed_constraint() -> list[float]:
@@ -120,11 +126,17 @@ def main() -> None:
         "--report", type=Path, default=None, help="only rewrite the report of this results.json"
     )
     args = parser.parse_args()
-    if args.report is not None:
+    if args.report is not None:  # the summary again from the saved rows, and the markdown
+        from transformers import AutoTokenizer
+
+        from specdecode.models.pull import pulled_path
+
         saved = json.loads(args.report.read_text())
-        write_markdown(
-            args.report.with_suffix(".md"), saved["settings"], saved["summary"], saved["rows"]
-        )
+        settings = argparse.Namespace(**(saved["settings"] | {"out": args.report}))
+        name = settings.target
+        tokenizer = AutoTokenizer.from_pretrained(pulled_path(name) if "/" not in name else name)
+        names = list(dict.fromkeys(r["mode"] for r in saved["rows"]))
+        report(saved["rows"], names, tokenizer, settings)
         return
 
     torch.set_num_threads(args.threads)
@@ -137,12 +149,15 @@ def main() -> None:
     eos = sorted(plain.generate("x", max_new_tokens=1).settings["eos_token_ids"])
     spent = timed_constraint()
 
-    def hf(ids: list[int], kernels: str = "onednn") -> tuple[list[int], float]:
-        processor = ReferenceProcessor(tokenizer, grammar, plain.vocab_size, eos)
+    ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=plain.vocab_size, eos_token=eos)
+    source = grammar.llguidance_source()
+
+    def hf(ids: list[int], kernels: str = "onednn", assistant: Any = None) -> Any:
+        processor = ReferenceProcessor(ll_tokenizer, source, plain.vocab_size, len(ids))
         inputs = torch.tensor([ids])
         with target.using_kernels(kernels, required=False):
             tick = time.perf_counter()
-            out = _hf_generate(target, inputs, processor, eos, args.max_new_tokens)
+            out = _hf_generate(target, inputs, processor, eos, args.max_new_tokens, assistant)
             seconds = time.perf_counter() - tick
         return out[0, len(ids) :].tolist(), seconds
 
@@ -160,6 +175,7 @@ def main() -> None:
     modes: dict[str, Any] = {
         "hf-constrained-torch": lambda ids: hf(ids, "torch"),
         "hf-constrained": hf,
+        "hf-assisted-constrained-torch": lambda ids: hf(ids, "torch", draft.model),
         "ours-plain": ours(plain, True),
         "ours-draft": ours(drafted, True),
         "ours-draft-free": ours(drafted, False),
@@ -189,8 +205,16 @@ def main() -> None:
 
 
 def _hf_generate(
-    target: Any, inputs: torch.Tensor, processor: ReferenceProcessor, eos: list[int], new: int
+    target: Any,
+    inputs: torch.Tensor,
+    processor: ReferenceProcessor,
+    eos: list[int],
+    new: int,
+    assistant: Any = None,
 ) -> torch.Tensor:
+    """transformers' ``generate``, greedy, with the processor; ``assistant``: its assisted
+    generation with that draft model and the assistant's own settings (transformers' defaults)."""
+    extra = {} if assistant is None else {"assistant_model": assistant}
     return target.model.generate(
         inputs,
         attention_mask=torch.ones_like(inputs),
@@ -199,6 +223,7 @@ def _hf_generate(
         logits_processor=[processor],
         eos_token_id=eos,
         pad_token_id=eos[0],
+        **extra,
     )
 
 
@@ -224,11 +249,14 @@ def is_answer(text: str) -> bool:
 def report(rows: list[dict[str, Any]], names: list[str], tokenizer: Any, args: Any) -> None:
     reference = {(r["prompt"], r["run"]): r for r in rows if r["mode"] == "hf-constrained"}
     torch_ref = {(r["prompt"], r["run"]): r for r in rows if r["mode"] == "hf-constrained-torch"}
+    assisted = {
+        (r["prompt"], r["run"]): r for r in rows if r["mode"] == "hf-assisted-constrained-torch"
+    }
     summary: dict[str, Any] = {}
     for name in names:
         mine = [r for r in rows if r["mode"] == name]
         prompts = sorted({r["prompt"] for r in mine})
-        speedups, over_torch, rates = [], [], []
+        speedups, over_torch, over_assisted, rates = [], [], [], []
         for p in prompts:
             runs = [r for r in mine if r["prompt"] == p]
             refs = [reference[(p, r["run"])] for r in runs]
@@ -241,12 +269,19 @@ def report(rows: list[dict[str, Any]], names: list[str], tokenizer: Any, args: A
             over_torch.append(
                 statistics.median(r["tok_s"] / torch_ref[(p, r["run"])]["tok_s"] for r in runs)
             )
+            if assisted:
+                over_assisted.append(
+                    statistics.median(r["tok_s"] / assisted[(p, r["run"])]["tok_s"] for r in runs)
+                )
         identical = sum(r["tokens"] == reference[(r["prompt"], r["run"])]["tokens"] for r in mine)
         entry: dict[str, Any] = {
             "tok_s_median": statistics.median(rates),
             "speedup_median": statistics.median(speedups),
             "speedups": speedups,
             "speedup_over_torch_kernels_median": statistics.median(over_torch),
+            "speedup_over_assisted_median": (
+                statistics.median(over_assisted) if over_assisted else None
+            ),
             "identical": f"{identical}/{len(mine)}",
         }
         if "passes" in mine[0]:
@@ -288,17 +323,20 @@ def write_markdown(
         f"{settings['prompts']} prompts).",
         "",
         "| mode | tok/s (median) | over hf-constrained (median) | over hf-constrained-torch "
-        "(median) | tau | identical to hf-constrained | answers with the schema's keys | "
-        "constraint ms per target pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "(median) | over hf-assisted-constrained-torch (median) | tau | identical to "
+        "hf-constrained | answers with the schema's keys | constraint ms per target pass |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         e = summary[name]
         tau = f"{e['tau']:.2f}" if "tau" in e else "-"
         spent = f"{e['constraint_ms_per_pass']:.2f}" if "constraint_ms_per_pass" in e else "-"
+        assisted = e.get("speedup_over_assisted_median")
+        over_assisted = "-" if assisted is None else f"{assisted:.2f}x"
         lines.append(
             f"| {name} | {e['tok_s_median']:.2f} | {e['speedup_median']:.2f}x | "
-            f"{e['speedup_over_torch_kernels_median']:.2f}x | {tau} | {e['identical']} | "
+            f"{e['speedup_over_torch_kernels_median']:.2f}x | {over_assisted} | {tau} | "
+            f"{e['identical']} | "
             f"{e.get('valid_json', '-')} | {spent} |"
         )
     lines += [
