@@ -177,6 +177,37 @@ def test_openai_client_completions_and_errors(client: openai.OpenAI) -> None:
         wrong.models.list()
 
 
+def test_openai_client_constrained_output(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    messages = [{"role": "user", "content": "A number as JSON"}]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )
+    text = reply.choices[0].message.content or ""
+    assert text.lstrip().startswith("{")
+    if reply.choices[0].finish_reason == "stop":
+        assert set(json.loads(text)) == {"n"}
+    picked = client.completions.create(
+        model=MODEL,
+        prompt="def add(a, b):",
+        max_tokens=8,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    assert picked.choices[0].text in ("yes", "no")
+    with pytest.raises(openai.BadRequestError, match="unclosed group"):
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"structured_outputs": {"regex": "("}}
+        )
+
+
 # ----------------------------------------------------------------------------- load
 PROMPTS = ["def add(a, b):", "The quick brown fox", "import torch\n", "for i in range(10):"]
 LOAD_TOKENS = 20
