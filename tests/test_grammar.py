@@ -252,3 +252,11 @@ def test_a_draft_with_another_padded_vocabulary_under_a_grammar(tmp_path, tiny, 
     plain = SpeculativeGenerator(target).generate(PROMPT, max_new_tokens=10, grammar=grammar)
     assert drafted.token_ids == plain.token_ids and drafted.stats.drafted > 0
     assert re.fullmatch(r"[a-c]{3}-\d", drafted.text)
+
+
+def test_a_tokenizer_without_an_eos_takes_the_requests() -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = None  # a model whose generation config alone names its end
+    constraint = GrammarCompiler(tokenizer, 320).constraint(Grammar.choice(["ab"]), [2], 0)
+    a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
+    assert constraint.allowed([a, b], 2, 1)[0].nonzero().flatten().tolist() == [2]

@@ -139,14 +139,16 @@ class GrammarCompiler:
             int(i) for i, t in added.items() if getattr(t, "special", False) and i < vocab_size
         )
 
-    def ll_tokenizer(self) -> Any:
-        """llguidance's reading of the vocabulary (made at the first call)."""
+    def ll_tokenizer(self, fallback_eos: int | None = None) -> Any:
+        """llguidance's reading of the vocabulary (made at the first call), with the tokenizer's
+        end-of-sequence id as llguidance's, or ``fallback_eos`` for a tokenizer without one
+        (which id it is does not matter: each constraint maps its request's ends onto it)."""
         with self._lock:
             if self._ll is None:
-                self._ll = self._read_vocabulary()
+                self._ll = self._read_vocabulary(fallback_eos)
             return self._ll
 
-    def _read_vocabulary(self) -> Any:
+    def _read_vocabulary(self, fallback_eos: int | None) -> Any:
         try:
             import llguidance.hf
         except ImportError as exc:  # pragma: no cover - a core dependency
@@ -159,6 +161,8 @@ class GrammarCompiler:
                 f"{type(self.tokenizer).__name__} is not one: give the model a tokenizer.json"
             )
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = fallback_eos
         try:
             return llguidance.hf.from_tokenizer(
                 self.tokenizer, n_vocab=self.vocab_size, eos_token=eos
@@ -211,7 +215,7 @@ class GrammarCompiler:
                 "constrained output needs an end-of-sequence token to end the output when the "
                 "grammar is complete, and this model has none: set eos_token_id"
             )
-        ll = self.ll_tokenizer()
+        ll = self.ll_tokenizer(min(eos_ids))
         matcher = LLMatcher(ll, self._source(grammar), log_level=0)
         if matcher.is_error():
             raise GrammarError(f"the {grammar.kind} grammar is not usable: {_first_line(matcher)}")
