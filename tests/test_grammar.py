@@ -260,3 +260,23 @@ def test_a_tokenizer_without_an_eos_takes_the_requests() -> None:
     constraint = GrammarCompiler(tokenizer, 320).constraint(Grammar.choice(["ab"]), [2], 0)
     a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
     assert constraint.allowed([a, b], 2, 1)[0].nonzero().flatten().tolist() == [2]
+
+
+def test_ends_follow_the_grammars_completion_not_the_end_tokens_spelling(tiny) -> None:
+    target = tiny("llama")
+    # the grammar spells the EOS token as text midway: only a special token could write it,
+    # and a special token is never text; an error, not an early end of sequence
+    spelled = Grammar.regex(r"a<\|endoftext\|>b")
+    with pytest.raises(GrammarError, match="allows no token"):
+        SpeculativeGenerator(target).generate("hello", max_new_tokens=6, grammar=spelled)
+    # a tokenizer whose EOS is an ordinary token ("."): it stays text for the grammar, and the
+    # request's own end (id 0) ends the answer only where the grammar is complete
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = "."
+    dot = tokenizer.convert_tokens_to_ids(".")
+    b = tokenizer.convert_tokens_to_ids("b")
+    compiler = GrammarCompiler(tokenizer, 320)
+    constraint = compiler.constraint(Grammar.regex(r"[a-c]{1,3}\.[a-c]"), [0], 0)
+    rows = constraint.allowed([b, b, b, dot, b], 0, 6)
+    assert rows[3].nonzero().flatten().tolist() == [dot]  # after "bbb": the dot, as text
+    assert not rows[2][0] and rows[5].nonzero().flatten().tolist() == [0]  # the end, at the end

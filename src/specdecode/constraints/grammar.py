@@ -160,15 +160,31 @@ class GrammarCompiler:
                 f"constrained output needs a fast (tokenizers) tokenizer; "
                 f"{type(self.tokenizer).__name__} is not one: give the model a tokenizer.json"
             )
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is None:
-            eos = fallback_eos
+        eos = self._end_marker(fallback_eos)
         try:
             return llguidance.hf.from_tokenizer(
                 self.tokenizer, n_vocab=self.vocab_size, eos_token=eos
             )
         except Exception as exc:  # llguidance reports a vocabulary it cannot read as it likes
             raise GrammarError(f"llguidance could not read this tokenizer: {exc}") from exc
+
+    def _end_marker(self, fallback_eos: int | None) -> int:
+        """The id llguidance takes for its end of sequence: one that is never text (a special
+        token, or an id past the tokenizer's in a padded matrix), so that its bit in a mask
+        says nothing about what the grammar wants as text. The tokenizer's own end where it is
+        special; else the request's; else any special token; else a padded id."""
+        special = set(self._special)
+        for candidate in (getattr(self.tokenizer, "eos_token_id", None), fallback_eos):
+            if candidate is not None and candidate in special:
+                return int(candidate)
+        if self._special:
+            return self._special[0]
+        if self.vocab_size > len(self.tokenizer):
+            return len(self.tokenizer)
+        raise GrammarError(
+            "constrained output needs a token that is never text to mark the end for the "
+            "grammar engine, and this tokenizer has no special token: add one (an EOS token)"
+        )
 
     def check(self, grammar: Grammar, eos_ids: Sequence[int]) -> str:
         """The grammar in llguidance's form, or a :class:`GrammarError` saying what is wrong:
@@ -357,7 +373,7 @@ class GrammarConstraint:
                 f"tokens: {_first_line(self.matcher)}"
             )
         mask = ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size].bool()
-        complete = bool(mask[self._matcher_ends].any()) if len(self._matcher_ends) else False
+        complete = bool(self.matcher.is_accepting())  # not llguidance's end bit: see ends
         mask[self._matcher_ends] = False
         mask[self._request_ends] = complete  # the loop's own ends, and only where allowed
         for token in self._special[mask[self._special]].tolist():
