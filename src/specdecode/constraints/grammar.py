@@ -186,19 +186,17 @@ class GrammarCompiler:
             "grammar engine, and this tokenizer has no special token: add one (an EOS token)"
         )
 
-    def check(self, grammar: Grammar, eos_ids: Sequence[int]) -> str:
-        """The grammar in llguidance's form, or a :class:`GrammarError` saying what is wrong:
-        a grammar llguidance refuses, or one that cannot even begin (an empty language, text
-        only a special token spells)."""
+    def check(self, grammar: Grammar, eos_ids: Sequence[int]) -> None:
+        """A :class:`GrammarError` saying what is wrong with ``grammar``, if anything: one
+        llguidance refuses, or one that cannot even begin (an empty language, text only a
+        special token spells). Compiles it, so a generation after this reuses the result."""
+        constraint = self.constraint(grammar, eos_ids, 0)  # its errors say what they are
         try:
-            self.constraint(grammar, eos_ids, 0)._mask()
+            constraint._mask()
         except GrammarError as exc:
-            if "not usable" in str(exc):
-                raise
             raise GrammarError(
                 f"the {grammar.kind} grammar is not usable: no output can even begin ({exc})"
             ) from exc
-        return self._source(grammar)
 
     def _source(self, grammar: Grammar) -> str:
         from llguidance import LLMatcher
@@ -360,18 +358,19 @@ class GrammarConstraint:
 
     def _consume(self, tokens: list[int]) -> None:
         if tokens and not self.matcher.consume_tokens(tokens):
-            raise GrammarError(
-                f"the {self.grammar.kind} grammar failed after {len(self._consumed)} generated "
-                f"tokens: {_first_line(self.matcher)}"
-            )
+            raise self._failure()
+
+    def _failure(self) -> GrammarError:
+        """llguidance's matcher in its error state, as an error that says where."""
+        return GrammarError(
+            f"the {self.grammar.kind} grammar failed after {len(self._consumed)} generated "
+            f"tokens: {_first_line(self.matcher)}"
+        )
 
     def _mask(self) -> torch.Tensor:
         packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
         if self.matcher.is_error():
-            raise GrammarError(
-                f"the {self.grammar.kind} grammar failed after {len(self._consumed)} generated "
-                f"tokens: {_first_line(self.matcher)}"
-            )
+            raise self._failure()
         mask = ((packed.unsqueeze(-1) >> self._bits) & 1).flatten()[: self.vocab_size].bool()
         complete = bool(self.matcher.is_accepting())  # not llguidance's end bit: see ends
         mask[self._matcher_ends] = False

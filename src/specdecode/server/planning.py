@@ -11,6 +11,7 @@ import dataclasses
 import secrets
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from specdecode.constraints import Grammar
@@ -164,10 +165,9 @@ class RequestPlanner:
         if not prompts:
             raise bad_request("the prompt is empty: give some text to continue", param)
         prompts = [self._check_ids(ids, param) for ids in prompts]
-        options = self._options(body, max_tokens, logprobs)
-        formatted = (body.response_format or {}).get("type", "text") != "text"
-        param = "response_format" if formatted else "structured_outputs"
-        self._check_options(options, max(len(ids) for ids in prompts), param)
+        requested = requested_grammar(body)
+        options = self._options(body, max_tokens, logprobs, requested.grammar)
+        self._check_options(options, max(len(ids) for ids in prompts), requested.field)
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
         choices = tuple(
             ChoiceSpec(index=p * body.n + i, prompt_ids=tuple(ids), seed=sample_seed(base_seed, i))
@@ -183,7 +183,11 @@ class RequestPlanner:
         )
 
     def _options(
-        self, body: GenerationFields, max_tokens: int | None, logprobs: int | None
+        self,
+        body: GenerationFields,
+        max_tokens: int | None,
+        logprobs: int | None,
+        grammar: Grammar | None,
     ) -> GenerationOptions:
         stop = body.stop
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -216,7 +220,7 @@ class RequestPlanner:
             seeded=body.seed is not None,
             logprobs=logprobs,
             prompt_logprobs=logprobs if getattr(body, "echo", False) else None,
-            grammar=requested_grammar(body),
+            grammar=grammar,
         )
 
     def _check_options(
@@ -271,9 +275,18 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
 _STRUCTURED = ("json", "regex", "choice", "grammar", "json_object")
 
 
-def requested_grammar(body: GenerationFields) -> Grammar | None:
-    """The grammar a request constrains its output to: OpenAI's ``response_format`` or vLLM's
-    ``structured_outputs`` (one of them; a 400 saying what is wrong otherwise)."""
+@dataclass(frozen=True)
+class RequestedGrammar:
+    """The grammar a request constrains its output to (None: none), and the request field it
+    came from, which errors name."""
+
+    grammar: Grammar | None
+    field: str
+
+
+def requested_grammar(body: GenerationFields) -> RequestedGrammar:
+    """OpenAI's ``response_format`` or vLLM's ``structured_outputs`` (one of them; a 400 saying
+    what is wrong otherwise)."""
     grammar = _response_format(body.response_format)
     structured = _structured_outputs(_with_guided(body))
     if grammar is not None and structured is not None:
@@ -281,7 +294,9 @@ def requested_grammar(body: GenerationFields) -> Grammar | None:
             "response_format and structured_outputs both constrain the output: send one",
             "structured_outputs",
         )
-    return grammar or structured
+    if grammar is not None:
+        return RequestedGrammar(grammar, "response_format")
+    return RequestedGrammar(structured, "structured_outputs")
 
 
 _GUIDED = {
