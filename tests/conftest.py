@@ -80,3 +80,20 @@ def deep(tmp_path_factory: pytest.TempPathFactory):
         return cache[arch]
 
     return get
+
+
+DRAFTER_KINDS = ("plain", "draft", "prompt-lookup")
+
+
+def drafter_of(kind: str, tiny, arch: str = "qwen2"):
+    """The drafter a test runs as ``kind``: none, a perturbed copy of the tiny target as the
+    draft model, or prompt lookup (n-grams up to 3)."""
+    from specdecode import ModelDrafter, PromptLookupDrafter
+
+    if kind == "plain":
+        return None
+    if kind == "draft":
+        return ModelDrafter(tiny(arch, "perturbed"))
+    if kind == "prompt-lookup":
+        return PromptLookupDrafter(max_ngram=3)
+    raise ValueError(kind)

@@ -20,6 +20,7 @@ from specdecode.errors import GrammarError, InvalidSettingsError
 from specdecode.models import load_model
 from specdecode.testing import make_tiny_model, tiny_tokenizer
 
+from .conftest import DRAFTER_KINDS, drafter_of
 from .test_sampling_exact import N, _check
 
 PROMPT = "def add(a, b):\n    return a + b\ndef add"
@@ -126,14 +127,10 @@ GRAMMARS = {
 
 
 @pytest.mark.parametrize("grammar", sorted(GRAMMARS))
-@pytest.mark.parametrize("kind", ["plain", "draft", "prompt-lookup"])
+@pytest.mark.parametrize("kind", DRAFTER_KINDS)
 def test_greedy_under_a_grammar_is_the_constrained_targets(tiny, kind: str, grammar: str) -> None:
     target = tiny("qwen2")
-    drafter = {
-        "plain": None,
-        "draft": ModelDrafter(tiny("qwen2", "perturbed")),
-        "prompt-lookup": PromptLookupDrafter(max_ngram=3),
-    }[kind]
+    drafter = drafter_of(kind, tiny)
     ids = target.tokenizer(PROMPT)["input_ids"]
     gen = SpeculativeGenerator(target, drafter, draft_length=4)
     result = gen.generate(ids, max_new_tokens=24, grammar=GRAMMARS[grammar])

@@ -19,6 +19,7 @@ from specdecode.sampling import (
 )
 from specdecode.sampling.settings import as_logit_bias
 
+from .conftest import DRAFTER_KINDS, drafter_of
 from .test_sampling_exact import N, _check
 
 PROMPT = "def add(a, b):\n    return a + b\ndef add"
@@ -85,14 +86,10 @@ def _reference(target, ids: list[int], new: int, **settings: float) -> list[int]
     return out
 
 
-@pytest.mark.parametrize("kind", ["plain", "draft", "prompt-lookup"])
+@pytest.mark.parametrize("kind", DRAFTER_KINDS)
 def test_greedy_with_penalties_is_the_targets_whatever_the_drafter(tiny, kind: str) -> None:
     target = tiny("qwen2")
-    drafter = {
-        "plain": None,
-        "draft": ModelDrafter(tiny("qwen2", "perturbed")),
-        "prompt-lookup": PromptLookupDrafter(max_ngram=3),
-    }[kind]
+    drafter = drafter_of(kind, tiny)
     ids = target.tokenizer(PROMPT)["input_ids"]
     settings = {"frequency_penalty": 0.7, "presence_penalty": 0.4, "logit_bias": {5: 1.5}}
     gen = SpeculativeGenerator(target, drafter, draft_length=4, tokens_per_sync=4)

@@ -138,27 +138,9 @@ def test_a_failed_generation_is_not_reused(tiny) -> None:
 
 def _sliding_window_model(folder: Any) -> Any:
     """A tiny Mistral whose layers attend to a window of 16 positions."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from specdecode.testing import make_tiny_model
 
-    from specdecode.testing import tiny_tokenizer
-
-    config = AutoConfig.for_model(
-        "mistral",
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=16,
-        vocab_size=320,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer(320).save_pretrained(folder)
+    make_tiny_model(folder, "mistral", sliding_window=16)
     return load_model(folder, device="cpu")
 
 

@@ -59,27 +59,28 @@ def tiny_tokenizer(vocab_size: int = 320) -> Any:
     return tokenizer
 
 
-def _config(arch: str, vocab_size: int, layers: int, hidden: int, context: int) -> Any:
+def _config(
+    arch: str, vocab_size: int, layers: int, hidden: int, context: int, **fields: Any
+) -> Any:
+    """The tiny config of ``arch``; ``fields`` set more of it (or override these)."""
     from transformers import AutoConfig
 
     common: dict[str, Any] = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0}
     if arch == "gpt2":
-        return AutoConfig.for_model(
-            "gpt2", n_layer=layers, n_embd=hidden, n_head=4, n_positions=context, **common
-        )
+        sizes = {"n_layer": layers, "n_embd": hidden, "n_head": 4, "n_positions": context}
+        return AutoConfig.for_model("gpt2", **(sizes | common | fields))
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
-    return AutoConfig.for_model(
-        arch,
-        num_hidden_layers=layers,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        tie_word_embeddings=False,
-        **common,
-    )
+    sizes = {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": context,
+        "tie_word_embeddings": False,
+    }
+    return AutoConfig.for_model(arch, **(sizes | common | fields))
 
 
 def make_tiny_model(
@@ -92,15 +93,17 @@ def make_tiny_model(
     vocab_size: int = 320,
     context: int = 512,
     init_std: float = 0.2,
+    **config_fields: Any,
 ) -> Any:
     """Build a seeded random model; save it with its tokenizer to ``folder`` when one is given.
 
     ``init_std`` is larger than a real model's so that the output distribution is peaked enough
-    for greedy ties to be vanishingly rare. Returns the model (eval mode, float32).
+    for greedy ties to be vanishingly rare; ``config_fields`` set more of the config (e.g.
+    ``sliding_window=16``). Returns the model (eval mode, float32).
     """
     from transformers import AutoModelForCausalLM
 
-    config = _config(arch, vocab_size, layers, hidden, context)
+    config = _config(arch, vocab_size, layers, hidden, context, **config_fields)
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
